@@ -1,0 +1,97 @@
+"""One signature for every loss term, and the LossSet that weights and sums them.
+
+A term is `term(batch, outputs, ctx) -> scalar tensor`:
+- `batch`: the training batch dict (images by view name, `label`, `neg_label`,
+  `class_names` of the seen classes, ...; see zsbir/data/pairs.py);
+- `outputs`: view name -> EncoderOutput, for every view the LossSet asked the trainer
+  to encode (`sketch`, `photo_pos`, `photo_neg`, and the second augmented views
+  `sketch_v2`, `photo_pos_v2` when a term needs them);
+- `ctx`: training progress and the (unwrapped) encoder, for terms that need them.
+
+Terms declare the views they read in `views`; the trainer encodes only the union.
+Terms may own parameters (a domain classifier, a projection head); the optimizer
+trains them together with the encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossContext:
+    step: int = 0  # optimisation steps done before this one
+    total_steps: int = 1
+    epoch: int = 0
+    encoder: Any = None  # the unwrapped Encoder (no DDP wrapper)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+class LossTerm(nn.Module):
+    """Base class of a loss term. Subclasses set `views` and implement `forward`."""
+
+    views: ClassVar[tuple[str, ...]] = ("sketch", "photo_pos", "photo_neg")
+
+    def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:
+        """Hook for terms that precompute something from the model or the dataset."""
+
+
+class LossSet(nn.Module):
+    """Weighted sum of named terms; returns the total and every (unweighted) term."""
+
+    def __init__(self, terms: dict[str, LossTerm], weights: dict[str, float]):
+        super().__init__()
+        if not terms:
+            raise ValueError("the loss set is empty: select at least one term, e.g. loss=[triplet]")
+        self.terms = nn.ModuleDict(terms)
+        self.weights = dict(weights)
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        order = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2")
+        wanted = {v for term in self.terms.values() for v in term.views}
+        unknown = wanted - set(order)
+        if unknown:
+            raise ValueError(f"unknown batch views requested by the loss terms: {sorted(unknown)}")
+        return tuple(v for v in order if v in wanted)
+
+    def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:
+        for term in self.terms.values():
+            term.on_train_start(ctx, class_names)
+
+    def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        values = {name: term(batch, outputs, ctx) for name, term in self.terms.items()}
+        total = sum(self.weights[name] * value for name, value in values.items())
+        return total, values
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "name": "losses"}] if params else []
+
+
+def build_loss_set(loss_cfg) -> LossSet:
+    """Build the LossSet from the `loss` config group: `{term_name: {_target_, weight, ...}}`."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    terms, weights = {}, {}
+    for name, node in (loss_cfg or {}).items():
+        cfg = OmegaConf.to_container(node, resolve=True)
+        if "weight" not in cfg or "_target_" not in cfg:
+            raise ValueError(f"loss term '{name}' needs `_target_` and `weight` in its config")
+        weights[name] = float(cfg.pop("weight"))
+        if weights[name] == 0:
+            continue
+        terms[name] = instantiate(cfg, _convert_="all")
+    return LossSet(terms, weights)
