@@ -1,0 +1,1 @@
+"""The generic trainer and its pieces: checkpoints, seeding, run metadata, distributed helpers."""

@@ -1,0 +1,40 @@
+"""Train and evaluate: `python -m zsbir.train [group=option ...] [key=value ...]`.
+
+Examples:
+    python -m zsbir.train                                   # synthetic benchmark, CPU-friendly
+    python -m zsbir.train model=clip_prompt data=sketchy
+    python -m zsbir.train -m experiment=sake,dsn data=sketchy,tuberlin seed=1,2,3
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from zsbir._paths import config_dir
+from zsbir.errors import ZsbirError
+
+log = logging.getLogger("zsbir.train")
+
+
+def run(cfg: DictConfig, run_dir: str) -> dict:
+    from zsbir.engine.trainer import Trainer
+
+    return Trainer(cfg, run_dir).fit()
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        result = run(cfg, HydraConfig.get().runtime.output_dir)
+    except ZsbirError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        sys.exit(1)
+    return float(result["test"]["map_all"])
+
+
+if __name__ == "__main__":
+    main()
