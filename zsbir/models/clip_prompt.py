@@ -146,12 +146,12 @@ class CLIPPromptEncoder(Encoder):
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings (len(class_names) x embed_dim) of the frozen text tower."""
         key = (tuple(class_names), self.text_template)
-        device = self.clip.logit_scale.device
+        reference = self.clip.logit_scale  # follows the module's .to(device / dtype)
         cached = self._text_cache.get(key)
         if cached is None:
             names = [name.replace("_", " ").replace("-", " ") for name in class_names]
             texts = [self.text_template.format(name) for name in names]
             with torch.no_grad():
-                cached = self.clip.encode_text(self.tokenizer(texts).to(device), normalize=True)
-        self._text_cache[key] = cached = cached.to(device)
+                cached = self.clip.encode_text(self.tokenizer(texts).to(reference.device), normalize=True)
+        self._text_cache[key] = cached = cached.to(device=reference.device, dtype=reference.dtype)
         return cached
