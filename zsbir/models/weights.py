@@ -137,13 +137,19 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], sour
     so that a file for the wrong architecture never loads silently.
     """
     state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        def show(keys):
+            return f"{keys[:6]}{'...' if len(keys) > 6 else ''} ({len(keys)})"
+
         raise ValueError(
-            f"weights in {source} do not fit {type(model).__name__}: "
-            f"missing {result.missing_keys[:8]}{'...' if len(result.missing_keys) > 8 else ''}, "
-            f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}"
+            f"weights in {source} do not fit {type(model).__name__}: missing {show(missing)}, "
+            f"unexpected {show(unexpected)}, wrong shape {show(wrong_shape)}"
         )
+    model.load_state_dict(state)
 
 
 # ---------------------------------------------------------------- timm
