@@ -1,7 +1,13 @@
 """ImageNet CNN encoders (any timm architecture) with an embedding head.
 
-One tower shared by both domains, or one tower per domain (`towers: separate`), a linear
-embedding head and an optional seen-class classifier head.
+One tower shared by both domains, or one tower per domain (`towers: separate`, both
+starting from the same weights), a linear embedding head and an optional seen-class
+classifier head. `model=resnet50` is this class with `arch: resnet50` and
+`pretrained: resnet50.tv_in1k` (torchvision's original ImageNet weights, the ones the
+SBIR papers' code loaded through torchvision).
+
+Outputs: "embedding" (B x embed_dim), "pooled" (B x backbone features, 2048 for
+ResNet-50) and, with `cls_head: true`, "cls_logits" (B x #seen classes).
 """
 from __future__ import annotations
 
@@ -11,12 +17,21 @@ import torch
 from torch import nn
 
 from zsbir.models.encoder import Encoder, EncoderOutput
-from zsbir.models.weights import create_timm_model
+from zsbir.models.weights import create_timm_model, local_weights_path
 
 # `tiny: true` (set by debug=smoke) swaps any architecture for this one: a few thousand
 # parameters, random weights, so that smoke runs finish in seconds on a CPU.
 TINY_ARCH = "resnet10t"
 TINY_KWARGS = {"channels": (8, 16, 32, 64), "stem_width": 8}
+
+
+def check_tiny_pretrained(pretrained: str | None) -> None:
+    """A tiny model takes random weights or a file saved from a tiny model, never a tag."""
+    if pretrained is not None and local_weights_path(pretrained) is None:
+        raise ValueError(
+            f"model.tiny=true builds a shrunk random model; the pretrained tag {pretrained!r} does "
+            "not fit it: set model.pretrained=null (or a file saved from a tiny model)"
+        )
 
 
 class CNNEncoder(Encoder):
@@ -37,7 +52,8 @@ class CNNEncoder(Encoder):
             raise ValueError(f"model.towers must be 'shared' or 'separate', got {towers!r}")
         kwargs = dict(model_kwargs or {})
         if tiny:
-            arch, pretrained, kwargs = TINY_ARCH, None, dict(TINY_KWARGS)
+            check_tiny_pretrained(pretrained)
+            arch, kwargs = TINY_ARCH, dict(TINY_KWARGS)
         backbone = create_timm_model(arch, pretrained, num_classes=0, **kwargs)
         self.towers = towers
         self.photo_backbone = backbone
