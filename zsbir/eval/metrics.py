@@ -1,0 +1,314 @@
+"""Retrieval metrics of ZS-SBIR (mAP@all, mAP@K, P@K) computed exactly and fast.
+
+Definitions: docs/metrics.md, protocols ``voc`` and ``plain``.
+
+How it is computed
+------------------
+Every metric of one query is a function of the ranks ``r_1 < ... < r_R`` of its R
+relevant gallery items only:
+``prec_i = i / r_i``; the VOC envelope at a relevant position is the suffix max of
+those precisions (precision only rises at hits, so the max over all later positions
+is reached at a relevant one); AP@K, P@K look at the relevant items with ``r_i <= K'``.
+
+So the engine never builds a ranked list of the gallery. Queries are grouped by class
+and processed in chunks of at most ``chunk_size`` rows; for one chunk it
+
+1. scores the chunk against the whole gallery (the only query x gallery matrix alive),
+2. sorts each score row (values only: a plain float sort, the cheapest full sort) and
+   the scores of the class's relevant items,
+3. finds the rank of every relevant item with two binary searches
+   (rank = 1 + number of items that outrank it),
+4. computes all requested metrics from those ranks in one float64 pass.
+
+Ties: an exact tie is broken by gallery index, the lower index ranks first (a stable
+sort of the gallery). Ties among relevant items alone do not change any metric, so
+the binary searches handle them; a row where a relevant item ties with an irrelevant
+one is re-ranked exactly with a sort of 64-bit keys (score bits, gallery index).
+Scores are ranked in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PROTOCOLS = ("voc", "plain")
+# Memory the score chunk and its sorting buffers may take; sets the default chunk size.
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+# Bytes per query x gallery pair in one chunk: float32 scores plus int64 sort keys
+# (tie re-ranking) plus slack for the binary-search outputs.
+_BYTES_PER_PAIR = 16
+
+ScoresFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def retrieval_metrics(
+    query_emb,
+    query_labels,
+    gallery_emb,
+    gallery_labels,
+    protocol: str = "voc",
+    map_at: Sequence[int] = (200,),
+    prec_at: Sequence[int] = (100, 200),
+    per_class: bool = False,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    scores_fn: ScoresFn | None = None,
+) -> dict[str, float]:
+    """Score sketch queries against a photo gallery with the metrics of docs/metrics.md.
+
+    Args:
+        query_emb, gallery_emb: (n_queries x d) and (n_gallery x d) embeddings, torch
+            tensors or NumPy arrays. They are L2-normalised here (similarity = cosine).
+        query_labels, gallery_labels: integer class labels; relevant = same label.
+        protocol: "voc" (SAKE/DSN/SEM-PCYC family) or "plain" (torchmetrics family).
+        map_at: cut-offs K for mAP@K; prec_at: cut-offs K for P@K. K larger than the
+            gallery is truncated to the gallery size (K' = min(K, N)).
+        per_class: average each metric over the queries of each class first, then over
+            classes (DSN); default averages over queries.
+        chunk_size: queries scored at once; default fits DEFAULT_CHUNK_BUDGET_BYTES.
+        device: where scores are computed; default the device of `query_emb` if it is a
+            tensor, else the CPU.
+        scores_fn: optional `scores_fn(query_chunk, gallery) -> (m x N)` similarity
+            (higher = more similar). When given, the embeddings are passed to it as they
+            are (not normalised); used for Hamming ranking of binary codes.
+
+    Returns:
+        ``map_all``, ``map_<K>`` per K in map_at, ``prec_<K>`` per K in prec_at (floats),
+        plus ``n_queries``, ``n_gallery`` (ints).
+
+    Ranking is deterministic: items with exactly equal scores are ordered by gallery
+    index, the lower index first. A query whose class has no gallery item (R = 0)
+    yields NaN for every metric and is left out of the means (nanmean).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    device = torch.device(device) if device is not None else _default_device(query_emb)
+    queries = _as_float_tensor(query_emb)
+    gallery = _as_float_tensor(gallery_emb).to(device)
+    query_classes, gallery_classes, n_classes = _class_ids(query_labels, gallery_labels)
+    if queries.shape[0] != query_classes.numel() or gallery.shape[0] != gallery_classes.numel():
+        raise ValueError("embeddings and labels disagree in length")
+    if scores_fn is None:
+        queries, gallery = F.normalize(queries, dim=1), F.normalize(gallery, dim=1)
+        scores_fn = _cosine_scores
+
+    n_gallery = gallery.shape[0]
+    chunk_size = chunk_size or default_chunk_size(n_gallery)
+    names = metric_names(map_at, prec_at)
+    layout = _GalleryLayout.build(gallery, gallery_classes, n_classes)
+    per_query = torch.full((queries.shape[0], len(names)), float("nan"), dtype=torch.float64)
+
+    for cls, query_idx in _queries_by_class(query_classes, n_classes):
+        start, end = layout.block(cls)
+        if end == start:
+            continue  # no relevant item: the query's metrics stay NaN
+        for chunk_idx in query_idx.split(chunk_size):
+            chunk = queries[chunk_idx].to(device)
+            ranks = _relevant_ranks(chunk, layout, start, end, scores_fn)
+            per_query[chunk_idx] = _metrics_from_ranks(ranks, n_gallery, protocol, map_at, prec_at).cpu()
+
+    result = _average(per_query, query_classes, per_class, names)
+    result["n_queries"] = int(queries.shape[0])
+    result["n_gallery"] = int(n_gallery)
+    return result
+
+
+def metric_names(map_at: Sequence[int], prec_at: Sequence[int]) -> list[str]:
+    """Keys of the result, in the column order of the per-query table."""
+    return ["map_all"] + [f"map_{k}" for k in map_at] + [f"prec_{k}" for k in prec_at]
+
+
+def default_chunk_size(n_gallery: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
+    """Largest number of queries whose chunk buffers fit `budget_bytes`."""
+    return max(1, budget_bytes // (_BYTES_PER_PAIR * max(1, n_gallery)))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _default_device(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _as_float_tensor(x) -> torch.Tensor:
+    x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+    return x.detach().to(torch.float32)
+
+
+def _class_ids(query_labels, gallery_labels) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Map arbitrary integer labels to 0..C-1 over the union of both label sets."""
+    q, g = _labels_tensor(query_labels), _labels_tensor(gallery_labels)
+    classes, ids = torch.unique(torch.cat([q, g]), return_inverse=True)
+    return ids[: q.numel()], ids[q.numel():], int(classes.numel())
+
+
+def _labels_tensor(labels) -> torch.Tensor:
+    if isinstance(labels, torch.Tensor):
+        return labels.detach().cpu().reshape(-1).long()
+    return torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64))
+
+
+def _cosine_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    return queries @ gallery.T
+
+
+@dataclass
+class _GalleryLayout:
+    """The gallery reordered so that each class is one contiguous block of columns.
+
+    Scores of a class's relevant items are then a slice, not a gather. The original
+    index of each column is kept for the tie rule.
+    """
+
+    embeddings: torch.Tensor  # (N x d), columns grouped by class
+    original_index: torch.Tensor  # (N,) int64, gallery index of each column
+    starts: torch.Tensor  # (C + 1,) block boundaries
+
+    @classmethod
+    def build(cls, gallery: torch.Tensor, gallery_classes: torch.Tensor, n_classes: int):
+        order = torch.sort(gallery_classes, stable=True).indices
+        counts = torch.bincount(gallery_classes, minlength=n_classes)
+        starts = torch.zeros(n_classes + 1, dtype=torch.long)
+        starts[1:] = torch.cumsum(counts, 0)
+        return cls(gallery[order.to(gallery.device)], order.to(gallery.device), starts)
+
+    def block(self, cls: int) -> tuple[int, int]:
+        return int(self.starts[cls]), int(self.starts[cls + 1])
+
+
+def _queries_by_class(query_classes: torch.Tensor, n_classes: int):
+    order = torch.sort(query_classes, stable=True).indices
+    counts = torch.bincount(query_classes, minlength=n_classes).tolist()
+    for cls, query_idx in enumerate(order.split(counts)):
+        if query_idx.numel():
+            yield cls, query_idx
+
+
+# ----------------------------------------------------------------------------- ranking
+
+def _relevant_ranks(chunk, layout: _GalleryLayout, start: int, end: int, scores_fn) -> torch.Tensor:
+    """1-based ranks (m x R, ascending per row) of the relevant items [start, end)."""
+    scores = _ranking_scores(scores_fn(chunk, layout.embeddings))
+    relevant = _sort_rows(scores[:, start:end].clone())
+    everything = _sort_rows(scores)  # in place on CPU: the chunk's only big buffer
+    ranks, mixed_ties = _ranks_by_search(everything, relevant)
+    if mixed_ties.any():
+        rows = mixed_ties.nonzero().squeeze(1)
+        ranks[rows] = _ranks_by_keys(chunk[rows], layout, start, end, scores_fn)
+    return ranks
+
+
+def _ranking_scores(scores: torch.Tensor) -> torch.Tensor:
+    # float32 everywhere so the 64-bit tie keys can hold score bits + gallery index;
+    # `+ 0.0` turns -0.0 into +0.0, equal as floats but not as bit patterns.
+    return scores.to(torch.float32).add_(0.0)
+
+
+def _sort_rows(x: torch.Tensor) -> torch.Tensor:
+    """Ascending sort of each row, values only."""
+    if x.device.type == "cpu":
+        # NumPy's SIMD sort is several times faster than torch's CPU sort for this.
+        x.numpy().sort(axis=1)
+        return x
+    return torch.sort(x, dim=1).values
+
+
+def _ranks_by_search(everything: torch.Tensor, relevant: torch.Tensor):
+    """Relevant ranks from sorted score rows; flags rows that need exact tie ranking.
+
+    Both inputs ascending. For the relevant item at ascending position k:
+    items strictly above = N - (#items <= s); if every item tied with it is relevant,
+    the tied block occupies consecutive ranks, and which relevant item takes which of
+    them does not change any metric. Then rank = N - right_all + right_rel - k.
+    """
+    n_gallery, n_relevant = everything.shape[1], relevant.shape[1]
+    right_all = torch.searchsorted(everything, relevant, right=True)
+    left_all = torch.searchsorted(everything, relevant, right=False)
+    right_rel = torch.searchsorted(relevant, relevant, right=True)
+    left_rel = torch.searchsorted(relevant, relevant, right=False)
+    mixed_ties = ((right_all - left_all) != (right_rel - left_rel)).any(dim=1)
+    k = torch.arange(n_relevant, device=relevant.device)
+    ranks = n_gallery - right_all + right_rel - k
+    return ranks.flip(1), mixed_ties
+
+
+def _ranks_by_keys(chunk, layout: _GalleryLayout, start: int, end: int, scores_fn) -> torch.Tensor:
+    """Exact ranks with the tie rule: sort unique int64 keys (score, gallery index).
+
+    key = (descending-order int of the float32 score) * 2**32 + 2 * index + relevant.
+    Indexes are unique, so the relevance bit never decides the order; it is read back
+    after the sort to find where the relevant items landed.
+    """
+    scores = _ranking_scores(scores_fn(chunk, layout.embeddings))
+    keys = _descending_score_keys(scores) * 2**32
+    low_bits = layout.original_index * 2
+    low_bits[start:end] += 1
+    keys = _sort_rows(keys.bitwise_or_(low_bits))
+    positions = keys.bitwise_and_(1).nonzero()[:, 1]
+    return positions.view(chunk.shape[0], end - start) + 1
+
+
+def _descending_score_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 that increases as the float32 score decreases (order-preserving bit trick)."""
+    bits = scores.view(torch.int32)
+    # Negative floats order backwards as integers: flip their magnitude bits.
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits.bitwise_not_().to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _metrics_from_ranks(ranks, n_gallery: int, protocol: str, map_at, prec_at) -> torch.Tensor:
+    """(m x n_metrics) float64 from relevant ranks (m x R, ascending, 1-based)."""
+    ranks = ranks.to(torch.float64)
+    n_relevant = ranks.shape[1]
+    hits_so_far = torch.arange(1, n_relevant + 1, dtype=torch.float64, device=ranks.device)
+    precision = hits_so_far / ranks  # precision at each relevant position
+    columns = [_average_precision(precision, n_relevant, protocol)]
+    for k in map_at:
+        columns.append(_average_precision_at(precision, ranks, min(k, n_gallery), protocol))
+    for k in prec_at:
+        cutoff = min(k, n_gallery)
+        columns.append((ranks <= cutoff).sum(dim=1).to(torch.float64) / cutoff)
+    return torch.stack(columns, dim=1)
+
+
+def _average_precision(precision: torch.Tensor, n_relevant: int, protocol: str) -> torch.Tensor:
+    if protocol == "voc":
+        precision = _suffix_max(precision)
+    return precision.sum(dim=1) / n_relevant
+
+
+def _average_precision_at(precision, ranks, cutoff: int, protocol: str) -> torch.Tensor:
+    # Relevant items inside the top K' are a prefix of the rank list, at most K' long.
+    width = min(precision.shape[1], cutoff)
+    inside = (ranks[:, :width] <= cutoff).to(torch.float64)
+    precision = precision[:, :width] * inside
+    n_inside = inside.sum(dim=1)
+    if protocol == "voc":
+        # Zeros past the cut-off keep the envelope inside the truncated list.
+        return (_suffix_max(precision) * inside).sum(dim=1) / width  # min(K', R)
+    return torch.where(n_inside > 0, precision.sum(dim=1) / n_inside.clamp(min=1), 0.0)
+
+
+def _suffix_max(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(1).cummax(dim=1).values.flip(1)
+
+
+def _average(per_query: torch.Tensor, query_classes, per_class: bool, names) -> dict[str, float]:
+    if per_class:
+        rows = [_nanmean(per_query[query_classes == c]) for c in query_classes.unique()]
+        per_query = torch.stack(rows)
+    means = _nanmean(per_query)
+    return {name: float(v) for name, v in zip(names, means)}
+
+
+def _nanmean(x: torch.Tensor) -> torch.Tensor:
+    """Column means over rows that are not NaN; NaN where a column has none."""
+    valid = ~torch.isnan(x)
+    total = torch.where(valid, x, 0.0).sum(dim=0)
+    count = valid.sum(dim=0)
+    return torch.where(count > 0, total / count.clamp(min=1), float("nan"))
