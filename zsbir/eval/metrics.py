@@ -241,10 +241,13 @@ def _ranks_by_search(everything: torch.Tensor, relevant: torch.Tensor):
     """
     n_gallery, n_relevant = everything.shape[1], relevant.shape[1]
     right_all = torch.searchsorted(everything, relevant, right=True)
-    left_all = torch.searchsorted(everything, relevant, right=False)
     right_rel = torch.searchsorted(relevant, relevant, right=True)
     left_rel = torch.searchsorted(relevant, relevant, right=False)
-    mixed_ties = ((right_all - left_all) != (right_rel - left_rel)).any(dim=1)
+    # The copies of s in `everything` end at right_all; one more copy just before the
+    # relevant ones is an irrelevant item tied with s (a gather, not another search).
+    before_copies = right_all - (right_rel - left_rel) - 1
+    mixed_ties = ((before_copies >= 0)
+                  & (everything.gather(1, before_copies.clamp(min=0)) == relevant)).any(dim=1)
     k = torch.arange(n_relevant, device=relevant.device)
     ranks = n_gallery - right_all + right_rel - k
     return ranks.flip(1), mixed_ties
