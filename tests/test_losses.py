@@ -426,6 +426,20 @@ def test_loss_set_reports_every_unweighted_term(compose_cfg):
     assert float(total) == pytest.approx(float(terms["triplet"] + 0.5 * terms["domain_grl"] + 0.1 * terms["contrastive"]))
 
 
+def test_loss_math_runs_in_float32_under_autocast(compose_cfg):
+    cfg = compose_cfg("loss=[triplet,contrastive]", "model.embed_dim=4")
+    loss_set = build_loss_set(cfg.loss)
+    rng = np.random.default_rng(4)
+    outputs = {v: out(embedding=torch.tensor(rng.normal(size=(4, 4)), dtype=torch.bfloat16)) for v in loss_set.views}
+    batch = {"label": torch.tensor([0, 1, 2, 3]), "neg_label": torch.tensor([1, 2, 3, 0])}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, terms = loss_set(batch, outputs, LossContext())
+    as_float = {v: out(embedding=o["embedding"].float()) for v, o in outputs.items()}
+    reference_total, reference = loss_set(batch, as_float, LossContext())
+    assert all(value.dtype == torch.float32 for value in terms.values())
+    assert float(total) == pytest.approx(float(reference_total), rel=1e-6)
+
+
 def test_bad_loss_config_reaches_the_user_as_our_error(compose_cfg):
     cfg = compose_cfg("loss=[domain_grl]", "loss.domain_grl.schedule=linear")
     with pytest.raises(LossConfigError, match="loss.domain_grl.schedule must be one of"):

@@ -109,8 +109,15 @@ class LossSet(nn.Module):
             term.on_train_start(ctx, class_names)
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        values = {name: term(batch, outputs, ctx) for name, term in self.terms.items()}
-        total = sum(self.weights[name] * value for name, value in values.items())
+        # Loss math runs in float32 even when the encoder ran under bf16 / fp16 autocast:
+        # logit_scale 100 or a 0.07 temperature turn bf16's rounding of a cosine (~4e-3)
+        # into errors of a whole logit.
+        device_type = next(iter(outputs.values()))["embedding"].device.type if outputs else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            outputs = {view: type(out)({k: t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+                                        for k, t in out.items()}) for view, out in outputs.items()}
+            values = {name: term(batch, outputs, ctx) for name, term in self.terms.items()}
+            total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
