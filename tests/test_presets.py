@@ -59,6 +59,7 @@ def test_presets_set_the_papers_settings(compose_cfg):
     assert (lvm.model.prompt_lr, lvm.model.ln_lr, lvm.model.norm) == (1e-4, 1e-6, "clip")
     assert (lvm.loss.triplet.distance, lvm.loss.triplet.margin) == ("cosine", 0.2)
     assert lvm.model.text_template == "a photo of a {}" and lvm.data.batch_size == 192
+    assert (lvm.eval.protocol, dsn.eval.per_class, sake.eval.protocol) == ("plain", True, "voc")
 
 
 def test_loss_weights_are_overridable_from_the_command_line(compose_cfg):
