@@ -254,7 +254,11 @@ def test_class_mask_missing_file_or_off(tmp_path):
     ctx = LossContext(extras={"class_names": ["a"], "split_dir": tmp_path / "zeroshot1", "synthetic": False})
     with pytest.raises(LossConfigError, match=r"zeroshot1/cid_mask.pickle does not exist.*loss.distill.mask=null"):
         missing.on_train_start(ctx, ["a"])
-    ctx.extras["synthetic"] = True  # the generated benchmark has no ImageNet classes: off, with a log line
+    ctx.extras["synthetic"] = True
+    missing.mask_path = str(tmp_path / "elsewhere" / "cid_mask.pickle")  # an explicit path must exist, always
+    with pytest.raises(LossConfigError, match="elsewhere/cid_mask.pickle does not exist"):
+        missing.on_train_start(ctx, ["a"])
+    missing.mask_path = "cid_mask.pickle"  # the generated benchmark has no ImageNet classes: off, with a log line
     missing.on_train_start(ctx, ["a"])
     assert missing.mask_path is None and missing.class_mask is None
     assert distill_term(tmp_path, {0: np.zeros(1000)}, kdneg=0).mask_path is None

@@ -69,3 +69,29 @@ def test_loss_weights_are_overridable_from_the_command_line(compose_cfg):
     cfg.loss.domain_grl.in_dim = 16
     loss_set = build_loss_set(cfg.loss)
     assert loss_set.weights == {"triplet": 1.0, "domain_grl": 0.5}
+
+
+def test_dsn_run_logs_every_term_and_resumes_its_memory(compose_cfg, tmp_path):
+    import json
+
+    from zsbir.engine.checkpoint import load_checkpoint
+    from zsbir.engine.trainer import Trainer
+
+    cfg = compose_cfg("experiment=dsn", "data=synthetic", "debug=smoke", "trainer.device=cpu",
+                      "eval.before_training=false")
+    run_dir = tmp_path / "run"
+    trainer = Trainer(cfg, run_dir)
+    trainer.fit()
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == trainer.total_steps  # debug=smoke logs every step
+    assert all({"loss/ce", "loss/distill", "loss/contrastive", "loss/memory"} <= set(r) for r in steps)
+
+    memory = trainer.loss_set.terms["memory"]
+    assert int(memory.writes.sum()) == trainer.total_steps * cfg.data.batch_size  # every sketch stored
+    saved = load_checkpoint(run_dir / "last.pt")["losses"]
+    assert torch.equal(saved["terms.memory.bank"], memory.bank)
+    resumed = Trainer(cfg, run_dir)  # same directory: resumes from last.pt
+    assert resumed.step == trainer.step
+    assert torch.equal(resumed.loss_set.terms["memory"].bank, memory.bank)
+    assert torch.equal(resumed.loss_set.terms["memory"].writes, memory.writes)

@@ -240,10 +240,10 @@ class Trainer:
             write_run_info(self.run_dir)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
         self._log_start()
+        self.loss_set.on_train_start(self.ctx, self.data.seen_classes)  # before any work: may reject the config
         if self.metrics_before is None and self.cfg.eval.before_training:
             self.metrics_before = self.evaluate_unseen()
             log.info("unseen-class mAP@all before training: %.4f", self.metrics_before["map_all"])
-        self.loss_set.on_train_start(self.ctx, self.data.seen_classes)
         tcfg = self.cfg.trainer
         max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         while self.step < self.total_steps:

@@ -68,7 +68,10 @@ def check_views(views, allowed: tuple[str, ...], loss_name: str) -> tuple[str, .
 def gather_labelled(batch: dict, outputs: dict, views: tuple[str, ...], key: str, loss_name: str):
     """Concatenate the output `key` of `views` with their class labels: (features, labels)."""
     present = [v for v in views if v in outputs]
-    features = torch.cat([outputs[v].need(key, loss_name) for v in present])
+    try:
+        features = torch.cat([outputs[v].need(key, loss_name) for v in present])
+    except KeyError as err:  # the model lacks this output: a configuration error, said plainly
+        raise LossConfigError(err.args[0]) from None
     labels = torch.cat([batch[VIEW_LABELS[v]] for v in present])
     return features, labels
 

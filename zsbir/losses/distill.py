@@ -117,12 +117,13 @@ class DistillationLoss(LossTerm):
         if self.mask_path is None or self.class_mask is not None:
             return
         path = Path(self.mask_path).expanduser()
-        split_dir = ctx.extras.get("split_dir")
-        if not path.is_absolute() and split_dir is not None:
-            path = Path(split_dir) / path
+        in_split_dir = not path.is_absolute() and ctx.extras.get("split_dir") is not None
+        if in_split_dir:
+            path = Path(ctx.extras["split_dir"]) / path
         if not path.is_file():
-            if ctx.extras.get("synthetic"):
-                # The generated benchmark's glyph classes have no ImageNet counterparts.
+            if in_split_dir and ctx.extras.get("synthetic"):
+                # The generated benchmark's glyph classes have no ImageNet counterparts (an
+                # explicitly given absolute path must still exist).
                 log.info("loss.distill: the synthetic benchmark has no class mask; training without the kdneg term")
                 self.mask_path = None
                 return
