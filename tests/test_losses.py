@@ -427,7 +427,8 @@ def test_loss_set_reports_every_unweighted_term(compose_cfg):
     batch = {"label": torch.tensor([0, 1, 2, 3]), "neg_label": torch.tensor([1, 2, 3, 0])}
     total, terms = loss_set(batch, outputs, LossContext())
     assert set(terms) == {"triplet", "domain_grl", "contrastive"}
-    assert float(total) == pytest.approx(float(terms["triplet"] + 0.5 * terms["domain_grl"] + 0.1 * terms["contrastive"]))
+    expected = terms["triplet"] + 0.5 * terms["domain_grl"] + 0.1 * terms["contrastive"]
+    assert float(total.detach()) == pytest.approx(float(expected.detach()))
 
 
 def test_loss_math_runs_in_float32_under_autocast(compose_cfg):
@@ -464,7 +465,13 @@ def _gather_worker(rank: int, world_size: int, init_file: str, result_file: str)
         (gathered * (rank + 1)).sum().backward()  # rank r's loss weighs every row by r + 1
         batch, views = contrastive_inputs(np.random.default_rng(10 + rank))
         value = SupConLoss(temperature=0.5)(batch, {v: out(embedding=e) for v, e in views.items()}, LossContext())
-        torch.save({"gathered": gathered.detach(), "grad": x.grad, "supcon": value.detach()}, f"{result_file}.{rank}")
+        from zsbir.losses.memory import CategoryMemoryLoss
+
+        memory = CategoryMemoryLoss(slots=4, views=["sketch", "photo_pos"])
+        sketch = torch.full((1, 2), float(rank + 1))  # rank 0 stores class 0, rank 1 class 1
+        memory(*memory_inputs(sketch, torch.ones(1, 2), [rank]), LossContext(extras={"class_names": ["a", "b"]}))
+        torch.save({"gathered": gathered.detach(), "grad": x.grad, "supcon": value.detach(), "bank": memory.bank,
+                    "writes": memory.writes}, f"{result_file}.{rank}")
     finally:
         torch_dist.destroy_process_group()
 
@@ -481,4 +488,7 @@ def test_gather_with_grad_and_contrastive_across_two_ranks(tmp_path):
     views = [contrastive_inputs(np.random.default_rng(10 + r))[1] for r in range(2)]
     z = torch.cat([torch.cat(list(v.values())) for v in views]).numpy()
     labels = [0, 1, 0] * 8
+    # every rank stores the sketches of all ranks: the memories agree
+    assert results[0]["writes"].tolist() == results[1]["writes"].tolist() == [1, 1]
+    assert torch.equal(results[0]["bank"], results[1]["bank"]) and float(results[0]["bank"][1, 0, 0]) == 2.0
     assert float((results[0]["supcon"] + results[1]["supcon"]) / 2) == pytest.approx(supcon_by_hand(z, labels, 0.5), rel=1e-5)
