@@ -215,6 +215,20 @@ def test_distillation_ignores_sketches(tmp_path):
         distill_term(tmp_path, None, views=["sketch"])
 
 
+def test_distillation_needs_a_pretrained_teacher():
+    from zsbir.losses.distill import DistillationLoss
+
+    with pytest.raises(LossConfigError, match="teacher_pretrained is null"):
+        DistillationLoss(mask=None, teacher_pretrained=None, teacher_tiny=False)
+
+
+def test_distillation_teacher_follows_the_model(compose_cfg):
+    cfg = compose_cfg("model=cse_resnet50", "loss=[ce,distill]")
+    assert (cfg.loss.distill.teacher_arch, cfg.loss.distill.teacher_pretrained) == ("legacy_seresnet50", "legacy_seresnet50.in1k")
+    smoke = compose_cfg("experiment=sake", "debug=smoke")
+    assert (smoke.loss.distill.teacher_pretrained, smoke.loss.distill.teacher_tiny) == (None, True)
+
+
 def test_distillation_teacher_gets_its_own_normalisation(tmp_path):
     term = distill_term(tmp_path, None)
     raw = torch.rand(2, 3, 4, 4)

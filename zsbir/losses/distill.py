@@ -89,7 +89,6 @@ class DistillationLoss(LossTerm):
                  teacher_tiny: bool = False, teacher_norm: str = "imagenet", views=("photo_pos",)):
         super().__init__()
         from zsbir.models.cse_resnet import build_imagenet_teacher
-        from zsbir.models.weights import local_weights_path
 
         self.views = check_views(views, PHOTO_VIEWS, "distill")
         if teacher_norm not in NORMALIZATION:
@@ -97,10 +96,11 @@ class DistillationLoss(LossTerm):
         self.lambda_kd, self.kdneg = float(lambda_kd), float(kdneg)
         self.mask_path = mask if self.kdneg else None
         self.teacher_norm = teacher_norm
-        if teacher_tiny and teacher_pretrained is not None and local_weights_path(teacher_pretrained) is None:
-            log.info("loss.distill: the tiny (smoke-test) teacher has random weights; ignoring teacher_pretrained=%s",
-                     teacher_pretrained)
-            teacher_pretrained = None
+        if teacher_pretrained is None and not teacher_tiny:
+            raise LossConfigError(
+                "loss.distill.teacher_pretrained is null: a randomly initialised teacher distils nothing. Set it to "
+                "the ImageNet weights (legacy_seresnet50.in1k or a local file); it follows model.pretrained by default"
+            )
         # Kept outside the module tree: frozen, so it is neither trained nor written into
         # every checkpoint (it is rebuilt from its weights on resume).
         self._teacher = (build_imagenet_teacher(teacher_pretrained, tiny=teacher_tiny, arch=teacher_arch),)
