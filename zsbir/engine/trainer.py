@@ -96,7 +96,10 @@ class Trainer:
         self._maybe_resume()
         self.tracker = build_tracker(cfg.get("logger"), cfg, self.run_dir, self.resume_state.get("tracker")) if self.main else None
         self.ctx = LossContext(step=self.step, total_steps=self.total_steps, epoch=self.epoch, encoder=self.encoder,
-                               extras={"class_names": self.data.seen_classes})
+                               steps_per_epoch=self.steps_per_epoch,
+                               extras={"class_names": self.data.seen_classes,
+                                       "split_dir": self.data.root / str(cfg.data.split_dir),
+                                       "synthetic": bool(cfg.data.get("synthetic"))})
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
@@ -237,10 +240,10 @@ class Trainer:
             write_run_info(self.run_dir)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
         self._log_start()
+        self.loss_set.on_train_start(self.ctx, self.data.seen_classes)  # before any work: may reject the config
         if self.metrics_before is None and self.cfg.eval.before_training:
             self.metrics_before = self.evaluate_unseen()
             log.info("unseen-class mAP@all before training: %.4f", self.metrics_before["map_all"])
-        self.loss_set.on_train_start(self.ctx, self.data.seen_classes)
         tcfg = self.cfg.trainer
         max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         while self.step < self.total_steps:
@@ -262,6 +265,9 @@ class Trainer:
                     values["lr"] = self.optimizer.param_groups[0]["lr"]
                     values["images_per_s"] = images_since / elapsed
                     bar.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in values.items()})
+                    if self.main and bar.disable:  # no progress bar: the console still gets every term
+                        log.info("step %d/%d: %s", self.step, self.total_steps,
+                                 ", ".join(f"{k.removeprefix('loss/')} {v:.4g}" for k, v in values.items()))
                     if self.tracker:
                         self.tracker.log({**values, "epoch": self.epoch}, self.step)
                     t_log, images_since = time.monotonic(), 0

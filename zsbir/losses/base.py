@@ -1,12 +1,14 @@
 """One signature for every loss term, and the LossSet that weights and sums them.
 
 A term is `term(batch, outputs, ctx) -> scalar tensor`:
-- `batch`: the training batch dict (images by view name, `label`, `neg_label`,
-  `class_names` of the seen classes, ...; see zsbir/data/pairs.py);
+- `batch`: the training batch dict (images by view name, `label`, `neg_label`, ...;
+  see zsbir/data/pairs.py);
 - `outputs`: view name -> EncoderOutput, for every view the LossSet asked the trainer
   to encode (`sketch`, `photo_pos`, `photo_neg`, and the second augmented views
   `sketch_v2`, `photo_pos_v2` when a term needs them);
-- `ctx`: training progress and the (unwrapped) encoder, for terms that need them.
+- `ctx`: training progress, the (unwrapped) encoder and `extras` (`class_names`: the
+  seen classes; `split_dir`: the dataset's split folder; `synthetic`: whether the data
+  is the generated benchmark), for terms that need them.
 
 Terms declare the views they read in `views`; the trainer encodes only the union.
 Terms may own parameters (a domain classifier, a projection head); the optimizer
@@ -20,6 +22,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from zsbir.errors import ZsbirError
+
+# The batch view each label belongs to: the sketch and the positive photo (and their second
+# augmented views) carry `label`, the negative photo `neg_label`.
+VIEW_LABELS = {"sketch": "label", "sketch_v2": "label", "photo_pos": "label", "photo_pos_v2": "label",
+               "photo_neg": "neg_label"}
+PHOTO_VIEWS = ("photo_pos", "photo_neg", "photo_pos_v2")
+
+
+class LossConfigError(ZsbirError):
+    """A loss term's configuration cannot work (bad value, missing file, unsuitable model)."""
+
 
 @dataclass
 class LossContext:
@@ -27,12 +41,39 @@ class LossContext:
     total_steps: int = 1
     epoch: int = 0
     encoder: Any = None  # the unwrapped Encoder (no DDP wrapper)
+    steps_per_epoch: int = 1
     extras: dict = field(default_factory=dict)
 
     @property
     def progress(self) -> float:
         """Fraction of training done, in [0, 1]."""
         return min(1.0, self.step / max(1, self.total_steps))
+
+    @property
+    def epochs_done(self) -> float:
+        """Training progress in epochs, with the fraction of the current one (2.5 = half-way through epoch 3)."""
+        return self.step / max(1, self.steps_per_epoch)
+
+
+def check_views(views, allowed: tuple[str, ...], loss_name: str) -> tuple[str, ...]:
+    """Validate a term's configurable `views` list against the views it can use."""
+    views = tuple(views)
+    bad = [v for v in views if v not in allowed]
+    if not views or bad:
+        raise LossConfigError(f"loss.{loss_name}.views={list(views)}: each view must be one of {list(allowed)}"
+                              + (f" ({bad} is not)" if bad else " and at least one is needed"))
+    return views
+
+
+def gather_labelled(batch: dict, outputs: dict, views: tuple[str, ...], key: str, loss_name: str):
+    """Concatenate the output `key` of `views` with their class labels: (features, labels)."""
+    present = [v for v in views if v in outputs]
+    try:
+        features = torch.cat([outputs[v].need(key, loss_name) for v in present])
+    except KeyError as err:  # the model lacks this output: a configuration error, said plainly
+        raise LossConfigError(err.args[0]) from None
+    labels = torch.cat([batch[VIEW_LABELS[v]] for v in present])
+    return features, labels
 
 
 class LossTerm(nn.Module):
@@ -71,8 +112,15 @@ class LossSet(nn.Module):
             term.on_train_start(ctx, class_names)
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        values = {name: term(batch, outputs, ctx) for name, term in self.terms.items()}
-        total = sum(self.weights[name] * value for name, value in values.items())
+        # Loss math runs in float32 even when the encoder ran under bf16 / fp16 autocast:
+        # logit_scale 100 or a 0.07 temperature turn bf16's rounding of a cosine (~4e-3)
+        # into errors of a whole logit.
+        device_type = next(iter(outputs.values()))["embedding"].device.type if outputs else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            outputs = {view: type(out)({k: t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+                                        for k, t in out.items()}) for view, out in outputs.items()}
+            values = {name: term(batch, outputs, ctx) for name, term in self.terms.items()}
+            total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -82,8 +130,11 @@ class LossSet(nn.Module):
 
 def build_loss_set(loss_cfg) -> LossSet:
     """Build the LossSet from the `loss` config group: `{term_name: {_target_, weight, ...}}`."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+
+    from zsbir.models.weights import MissingWeightsError
 
     terms, weights = {}, {}
     for name, node in (loss_cfg or {}).items():
@@ -93,5 +144,11 @@ def build_loss_set(loss_cfg) -> LossSet:
         weights[name] = float(cfg.pop("weight"))
         if weights[name] == 0:
             continue
-        terms[name] = instantiate(cfg, _convert_="all")
+        try:
+            terms[name] = instantiate(cfg, _convert_="all")
+        except InstantiationException as error:
+            # our own messages (bad loss.* values, missing files or weights) say all there is to say
+            if isinstance(error.__cause__, (ZsbirError, MissingWeightsError, ValueError, FileNotFoundError)):
+                raise error.__cause__ from None
+            raise
     return LossSet(terms, weights)

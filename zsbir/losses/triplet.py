@@ -14,7 +14,9 @@ def pairwise_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.
     """Distance matrix (len(a) x len(b))."""
     if distance == "cosine":
         return 1 - F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
-    return torch.cdist(a, b)
+    # The exact pairwise form: cdist's default matrix-product shortcut loses precision to
+    # cancellation once a batch has more than 25 rows, and these distances enter the loss.
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def paired_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
@@ -39,6 +41,8 @@ class TripletLoss(LossTerm):
             raise ValueError(f"loss.triplet.distance must be one of {DISTANCES}, got {distance!r}")
         if mining not in MINING:
             raise ValueError(f"loss.triplet.mining must be one of {MINING}, got {mining!r}")
+        if margin < 0:
+            raise ValueError(f"loss.triplet.margin must be >= 0, got {margin}")
         self.margin, self.distance, self.mining = float(margin), distance, mining
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:

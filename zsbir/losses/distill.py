@@ -1,0 +1,162 @@
+"""SAKE's knowledge distillation from a frozen ImageNet teacher (Liu et al., ICCV 2019).
+
+On PHOTOS only (sketches never reach this term):
+
+    L_KD = mean over photos of  - sum_c q_c log softmax(kd_logits)_c,
+    q    = softmax(lambda_kd * teacher_logits + kdneg * M[y])
+
+`kd_logits` are the student's 1000-way ImageNet logits (CSE-ResNet-50's kd_head), the
+teacher is the frozen ImageNet SE-ResNet-50 seeing the same photo images, and M is SAKE's
+`cid_mask`: for each seen class y a 1000-d WordNet similarity to the ImageNet classes,
+which raises the target probability of ImageNet classes related to the photo's class.
+
+`cid_mask.pickle` ships inside SAKE's dataset folders, next to the split files. It is a
+pickle, so it is read with a restricted unpickler that admits numpy arrays and plain
+containers only (never plain `pickle.load`); a converted `.npy` (C x 1000, row = class
+id) works too. `kdneg: 0` or `mask: null` turns the class-similarity part off.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zsbir.losses.base import PHOTO_VIEWS, LossConfigError, LossContext, LossTerm, check_views, gather_labelled
+from zsbir.models.encoder import NORMALIZATION
+
+log = logging.getLogger(__name__)
+
+IMAGENET_CLASSES = 1000
+
+# What a cid_mask pickle may contain: numpy arrays / scalars and plain Python containers.
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("collections", "OrderedDict"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a class-similarity mask holds only "
+                                     "numpy arrays and plain containers")
+
+
+def load_class_mask(path: str | Path, num_classes: int) -> torch.Tensor:
+    """SAKE's cid_mask as a (num_classes x 1000) float tensor; row y = seen class id y.
+
+    Accepts SAKE's pickle ({class id: 1000-d array}), or a .npy / pickled array of shape
+    (num_classes, 1000). Raises LossConfigError naming the file on anything else.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            content = np.load(path, allow_pickle=False)
+        else:
+            with path.open("rb") as handle:
+                content = _ArrayUnpickler(handle, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, ValueError, EOFError) as err:
+        raise LossConfigError(f"cannot read the distillation class mask {path}: {err}") from err
+    if isinstance(content, dict):
+        ids = {int(k) for k in content}
+        missing = sorted(set(range(num_classes)) - ids)
+        if missing:
+            raise LossConfigError(f"{path} has no row for seen class ids {missing[:10]} (of {num_classes}); "
+                                  "it belongs to another split: use the cid_mask.pickle of this split's folder")
+        rows = [np.asarray(content[k] if k in content else content[str(k)], dtype=np.float32).reshape(-1)
+                for k in range(num_classes)]
+        content = np.stack(rows)
+    matrix = np.asarray(content, dtype=np.float32)
+    if matrix.shape != (num_classes, IMAGENET_CLASSES):
+        raise LossConfigError(f"{path} holds a class mask of shape {matrix.shape}; expected ({num_classes}, "
+                              f"{IMAGENET_CLASSES}) for this split's {num_classes} seen classes")
+    return torch.from_numpy(matrix)
+
+
+class DistillationLoss(LossTerm):
+    """Soft cross-entropy between the student's kd_logits and the teacher's (masked) ImageNet posterior."""
+
+    def __init__(self, lambda_kd: float = 1.0, kdneg: float = 0.3, mask: str | None = "cid_mask.pickle",
+                 teacher_arch: str = "legacy_seresnet50", teacher_pretrained: str | None = "legacy_seresnet50.in1k",
+                 teacher_tiny: bool = False, teacher_norm: str = "imagenet", views=("photo_pos",)):
+        super().__init__()
+        from zsbir.models.cse_resnet import build_imagenet_teacher
+
+        self.views = check_views(views, PHOTO_VIEWS, "distill")
+        if teacher_norm not in NORMALIZATION:
+            raise LossConfigError(f"loss.distill.teacher_norm must be one of {sorted(NORMALIZATION)}, got {teacher_norm!r}")
+        self.lambda_kd, self.kdneg = float(lambda_kd), float(kdneg)
+        self.mask_path = mask if self.kdneg else None
+        self.teacher_norm = teacher_norm
+        if teacher_pretrained is None and not teacher_tiny:
+            raise LossConfigError(
+                "loss.distill.teacher_pretrained is null: a randomly initialised teacher distils nothing. Set it to "
+                "the ImageNet weights (legacy_seresnet50.in1k or a local file); it follows model.pretrained by default"
+            )
+        # Kept outside the module tree: frozen, so it is neither trained nor written into
+        # every checkpoint (it is rebuilt from its weights on resume).
+        self._teacher = (build_imagenet_teacher(teacher_pretrained, tiny=teacher_tiny, arch=teacher_arch),)
+        self.class_mask: torch.Tensor | None = None
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self._teacher[0]
+
+    def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:
+        self._ensure_mask(ctx)
+
+    def _ensure_mask(self, ctx: LossContext) -> None:
+        if self.mask_path is None or self.class_mask is not None:
+            return
+        path = Path(self.mask_path).expanduser()
+        in_split_dir = not path.is_absolute() and ctx.extras.get("split_dir") is not None
+        if in_split_dir:
+            path = Path(ctx.extras["split_dir"]) / path
+        if not path.is_file():
+            if in_split_dir and ctx.extras.get("synthetic"):
+                # The generated benchmark's glyph classes have no ImageNet counterparts (an
+                # explicitly given absolute path must still exist).
+                log.info("loss.distill: the synthetic benchmark has no class mask; training without the kdneg term")
+                self.mask_path = None
+                return
+            raise LossConfigError(
+                f"the distillation class mask {path} does not exist. It ships in SAKE's dataset folders "
+                "(https://cs.jhu.edu/~qliu24/ZSSBIR/dataset.zip, next to the split files); point "
+                "loss.distill.mask at it, or turn the class-similarity term off with loss.distill.mask=null "
+                "(or loss.distill.kdneg=0)"
+            )
+        self.class_mask = load_class_mask(path, len(ctx.extras["class_names"]))
+        log.info("loss.distill: class mask %s (%d x %d), kdneg %.3g", path, *self.class_mask.shape, self.kdneg)
+
+    def _teacher_input(self, images: torch.Tensor, student_norm: str) -> torch.Tensor:
+        """Re-normalise the student-normalised photos for the teacher when the norms differ."""
+        if student_norm == self.teacher_norm:
+            return images
+        (mean_s, std_s), (mean_t, std_t) = NORMALIZATION[student_norm], NORMALIZATION[self.teacher_norm]
+
+        def column(values):
+            return torch.tensor(values, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+
+        return (images * column(std_s) + column(mean_s) - column(mean_t)) / column(std_t)
+
+    def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
+        self._ensure_mask(ctx)
+        student, labels = gather_labelled(batch, outputs, self.views, "kd_logits", "distill")
+        images = torch.cat([batch[v] for v in self.views if v in outputs])
+        teacher = self.teacher
+        if next(teacher.parameters()).device != images.device:
+            teacher.to(images.device)
+        norm = getattr(ctx.encoder, "norm", self.teacher_norm)
+        target = self.lambda_kd * teacher(self._teacher_input(images, norm)).float()
+        if self.class_mask is not None:
+            self.class_mask = self.class_mask.to(target.device)
+            target = target + self.kdneg * self.class_mask[labels]
+        return -(F.softmax(target, dim=1) * F.log_softmax(student.float(), dim=1)).sum(dim=1).mean()
