@@ -23,8 +23,14 @@ and processed in chunks of at most ``chunk_size`` rows; for one chunk it
 Ties: an exact tie is broken by gallery index, the lower index ranks first (a stable
 sort of the gallery). Ties among relevant items alone do not change any metric, so
 the binary searches handle them; a row where a relevant item ties with an irrelevant
-one is re-ranked exactly with a sort of 64-bit keys (score bits, gallery index).
-Scores are ranked in float32.
+one is re-ranked exactly: float32 scores with a sort of 64-bit keys (score bits,
+gallery index), other dtypes with a stable sort in gallery order. Such rows are not
+rare: 28k float32 cosines in a row hold a few exactly equal pairs (birthday paradox),
+and binary codes tie massively.
+
+Scores are ranked in float64 when the embeddings are float64 (NumPy's default), else
+in float32 (the papers' features); float32 rankings can differ from float64 ones where
+two scores are closer than float32 resolution.
 """
 from __future__ import annotations
 
@@ -87,8 +93,9 @@ def retrieval_metrics(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     device = torch.device(device) if device is not None else _default_device(query_emb)
-    queries = _as_float_tensor(query_emb)
-    gallery = _as_float_tensor(gallery_emb).to(device)
+    queries, gallery = _as_float_tensor(query_emb), _as_float_tensor(gallery_emb).to(device)
+    gallery = gallery.to(torch.promote_types(queries.dtype, gallery.dtype))
+    queries = queries.to(gallery.dtype)
     query_classes, gallery_classes, n_classes = _class_ids(query_labels, gallery_labels)
     if queries.shape[0] != query_classes.numel() or gallery.shape[0] != gallery_classes.numel():
         raise ValueError("embeddings and labels disagree in length")
@@ -135,7 +142,7 @@ def _default_device(x) -> torch.device:
 
 def _as_float_tensor(x) -> torch.Tensor:
     x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-    return x.detach().to(torch.float32)
+    return x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _class_ids(query_labels, gallery_labels) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -166,6 +173,7 @@ class _GalleryLayout:
     embeddings: torch.Tensor  # (N x d), columns grouped by class
     original_index: torch.Tensor  # (N,) int64, gallery index of each column
     starts: torch.Tensor  # (C + 1,) block boundaries
+    classes: torch.Tensor  # (N,) class of each gallery item, original order
 
     @classmethod
     def build(cls, gallery: torch.Tensor, gallery_classes: torch.Tensor, n_classes: int):
@@ -173,7 +181,8 @@ class _GalleryLayout:
         counts = torch.bincount(gallery_classes, minlength=n_classes)
         starts = torch.zeros(n_classes + 1, dtype=torch.long)
         starts[1:] = torch.cumsum(counts, 0)
-        return cls(gallery[order.to(gallery.device)], order.to(gallery.device), starts)
+        order = order.to(gallery.device)
+        return cls(gallery[order], order, starts, gallery_classes.to(gallery.device))
 
     def block(self, cls: int) -> tuple[int, int]:
         return int(self.starts[cls]), int(self.starts[cls + 1])
@@ -193,22 +202,26 @@ def _relevant_ranks(chunk, layout: _GalleryLayout, start: int, end: int, scores_
     """1-based ranks (m x R, ascending per row) of the relevant items [start, end)."""
     scores = _ranking_scores(scores_fn(chunk, layout.embeddings))
     relevant = _sort_rows(scores[:, start:end].clone())
-    everything = _sort_rows(scores)  # in place on CPU: the chunk's only big buffer
-    ranks, mixed_ties = _ranks_by_search(everything, relevant)
+    # Sort a copy: rows with mixed ties are re-ranked from the very same unsorted scores.
+    ranks, mixed_ties = _ranks_by_search(_sort_rows(scores.clone()), relevant)
     if mixed_ties.any():
         rows = mixed_ties.nonzero().squeeze(1)
-        ranks[rows] = _ranks_by_keys(chunk[rows], layout, start, end, scores_fn)
+        if scores.dtype == torch.float32:
+            ranks[rows] = _ranks_by_keys(scores[rows], layout.original_index, start, end)
+        else:
+            ranks[rows] = _ranks_by_stable_sort(scores[rows], layout, start)
     return ranks
 
 
 def _ranking_scores(scores: torch.Tensor) -> torch.Tensor:
-    # float32 everywhere so the 64-bit tie keys can hold score bits + gallery index;
-    # `+ 0.0` turns -0.0 into +0.0, equal as floats but not as bit patterns.
-    return scores.to(torch.float32).add_(0.0)
+    # `+ 0.0` turns -0.0 into +0.0: equal as floats but not as bit patterns (tie keys).
+    if scores.dtype != torch.float64:
+        scores = scores.to(torch.float32)
+    return scores.add_(0.0).contiguous()
 
 
 def _sort_rows(x: torch.Tensor) -> torch.Tensor:
-    """Ascending sort of each row, values only."""
+    """Ascending sort of each row, values only, in place on the CPU."""
     if x.device.type == "cpu":
         # NumPy's SIMD sort is several times faster than torch's CPU sort for this.
         x.numpy().sort(axis=1)
@@ -223,32 +236,45 @@ def _ranks_by_search(everything: torch.Tensor, relevant: torch.Tensor):
     items strictly above = N - (#items <= s); if every item tied with it is relevant,
     the tied block occupies consecutive ranks, and which relevant item takes which of
     them does not change any metric. Then rank = N - right_all + right_rel - k.
+    A relevant item tied with an irrelevant one (a "mixed" tie) needs the gallery
+    indices to be ordered; its row is flagged.
     """
     n_gallery, n_relevant = everything.shape[1], relevant.shape[1]
     right_all = torch.searchsorted(everything, relevant, right=True)
-    left_all = torch.searchsorted(everything, relevant, right=False)
     right_rel = torch.searchsorted(relevant, relevant, right=True)
     left_rel = torch.searchsorted(relevant, relevant, right=False)
-    mixed_ties = ((right_all - left_all) != (right_rel - left_rel)).any(dim=1)
+    # The copies of s in `everything` end at right_all; one more copy just before the
+    # relevant ones is an irrelevant item tied with s (a gather, not another search).
+    before_copies = right_all - (right_rel - left_rel) - 1
+    mixed_ties = ((before_copies >= 0)
+                  & (everything.gather(1, before_copies.clamp(min=0)) == relevant)).any(dim=1)
     k = torch.arange(n_relevant, device=relevant.device)
     ranks = n_gallery - right_all + right_rel - k
     return ranks.flip(1), mixed_ties
 
 
-def _ranks_by_keys(chunk, layout: _GalleryLayout, start: int, end: int, scores_fn) -> torch.Tensor:
+def _ranks_by_keys(scores, original_index, start: int, end: int) -> torch.Tensor:
     """Exact ranks with the tie rule: sort unique int64 keys (score, gallery index).
 
     key = (descending-order int of the float32 score) * 2**32 + 2 * index + relevant.
     Indexes are unique, so the relevance bit never decides the order; it is read back
     after the sort to find where the relevant items landed.
     """
-    scores = _ranking_scores(scores_fn(chunk, layout.embeddings))
-    keys = _descending_score_keys(scores) * 2**32
-    low_bits = layout.original_index * 2
+    low_bits = original_index * 2
     low_bits[start:end] += 1
-    keys = _sort_rows(keys.bitwise_or_(low_bits))
+    keys = _sort_rows(_descending_score_keys(scores).mul_(2**32).bitwise_or_(low_bits))
     positions = keys.bitwise_and_(1).nonzero()[:, 1]
-    return positions.view(chunk.shape[0], end - start) + 1
+    return positions.view(scores.shape[0], end - start) + 1
+
+
+def _ranks_by_stable_sort(scores, layout: _GalleryLayout, start: int) -> torch.Tensor:
+    """Exact ranks with the tie rule for any dtype: a stable sort in gallery order."""
+    in_gallery_order = torch.empty_like(scores)
+    in_gallery_order[:, layout.original_index] = scores
+    order = torch.sort(in_gallery_order, dim=1, descending=True, stable=True).indices
+    cls = layout.classes[layout.original_index[start]]
+    positions = (layout.classes[order] == cls).nonzero()[:, 1]
+    return positions.view(scores.shape[0], -1) + 1
 
 
 def _descending_score_keys(scores: torch.Tensor) -> torch.Tensor:
