@@ -30,8 +30,8 @@ from zsbir.eval.retrieval import metric_label
 log = logging.getLogger("zsbir.report")
 
 PROTOCOL_NAMES = {
-    "voc": "voc (VOC-interpolated AP; SAKE, DSN, ZSE-SBIR)",
-    "plain": "plain (non-interpolated AP, torchmetrics-style; Sketch_LVM, PuXIM)",
+    "voc": "voc = VOC-interpolated AP, as SAKE, DSN and ZSE-SBIR compute it",
+    "plain": "plain = non-interpolated AP (torchmetrics-style), as Sketch_LVM and PuXIM compute it",
 }
 DATASET_ORDER = ("sketchy", "sketchy_split2", "tuberlin", "quickdraw")
 FORMATS = ("md", "csv", "latex")
@@ -208,6 +208,17 @@ def published_value(data: dict, method: str, dataset: str, metric: str, layout: 
     return None, None
 
 
+def protocol_note(protocols: set[tuple[str, bool]]) -> str:
+    """Which metric protocol produced which rows (rows of any protocol but voc are marked)."""
+    parts = []
+    for protocol in sorted({p for p, _ in protocols}, key=lambda p: (p != "voc", p)):
+        where = "unmarked rows" if protocol == "voc" else f"rows marked [{protocol}]"
+        parts.append(f"{where}: {PROTOCOL_NAMES.get(protocol, protocol)}")
+    if any(per_class for _, per_class in protocols):
+        parts.append("'per class': AP averaged within each class first, then over classes (DSN)")
+    return "metric protocol (docs/metrics.md): " + "; ".join(parts)
+
+
 def build_table(runs: list[RunResult], layout: str | None = None, data: dict | None = None) -> Table:
     data = data or published_data()
     if layout is not None and layout not in data["tables"]:
@@ -254,9 +265,8 @@ def build_table(runs: list[RunResult], layout: str | None = None, data: dict | N
         rows.append(Row(method, label, protocol, per_class, cells))
         if method_info.get("note"):
             notes.append(f"{label}: {method_info['note']}")
-    protocols = sorted({p for _, p, _ in groups})
-    notes.insert(0, "ours: unseen-class test metrics, mean ± sample std over seeds (n = number of seeds); "
-                    "protocol " + "; ".join(PROTOCOL_NAMES.get(p, p) for p in protocols) + " (docs/metrics.md)")
+    notes[:0] = ["ours: unseen-class test metrics, mean ± sample std over seeds (n = number of seeds)",
+                 protocol_note({(p, c) for _, p, c in groups})]
     return Table(title, columns, rows, cited, notes, data["dataset_labels"])
 
 
