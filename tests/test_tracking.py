@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,20 @@ def wandb_records(run_dir: Path) -> list:
                 records.append(record)
                 pending = b""
     return records
+
+
+def finished_wandb_records(run_dir: Path, runs: int, timeout_s: float = 30.0) -> list:
+    """`wandb_records` once `runs` runs have written their exit record.
+
+    W&B's writer process may still be flushing a run's file for a moment after `finish()`
+    returns in this process.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = wandb_records(run_dir)
+        if len(of_kind(records, "exit")) >= runs or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def of_kind(records, kind: str) -> list:
@@ -121,7 +136,7 @@ def test_wandb_offline_run_has_filter_keys_config_metrics_best_summaries_and_ima
     tracker.finish()
     tracker.finish()  # idempotent: the entry point finishes again after a failure
 
-    records = wandb_records(tmp_path)
+    records = finished_wandb_records(tmp_path, runs=1)
     assert records, "no offline W&B run directory under the run dir"
     run = of_kind(records, "run")[0]
     assert run.run_id == tracker.run_id
@@ -167,7 +182,7 @@ def test_resumed_tracker_continues_the_same_wandb_run(wandb_cfg, tmp_path):
     second.log({"loss": 0.5}, step=3)  # a resumed run repeats the steps after its last checkpoint
     second.finish()
     assert second.run_id == first.run_id
-    records = wandb_records(tmp_path)
+    records = finished_wandb_records(tmp_path, runs=2)
     assert [run.run_id for run in of_kind(records, "run")] == [first.run_id, first.run_id]
     assert [r["step"] for r in history(records) if "loss" in r] == [5, 3]
 
@@ -208,7 +223,7 @@ def test_wandb_failure_mid_run_warns_once_and_finishes_the_run(wandb_cfg, tmp_pa
     assert len(warnings) == 1 and "W&B log failed" in warnings[0]
     assert tracker.run is None
     assert [line.get("step") for line in local_log(tmp_path) if "loss" in line] == [1, 2, 3]
-    assert of_kind(wandb_records(tmp_path), "exit")[0].exit_code == 1  # the abandoned W&B run is marked failed
+    assert of_kind(finished_wandb_records(tmp_path, runs=1), "exit")[0].exit_code == 1  # the abandoned W&B run is marked failed
 
 
 # ---------------------------------------------------------------------------- through the trainer
@@ -220,13 +235,13 @@ def test_trainer_keeps_the_wandb_run_id_in_its_checkpoint_and_resumes_that_run(c
     run_dir = tmp_path / "run"
     Trainer(cfg, run_dir).fit()
     run_id = load_checkpoint(run_dir / "last.pt")["tracker"]["wandb_run_id"]
-    records = wandb_records(run_dir)
+    records = finished_wandb_records(run_dir, runs=1)
     assert of_kind(records, "run")[0].run_id == run_id
     assert any("val/map_all" in row for row in history(records))
     assert "test/map_all" in summary_values(records)
 
     Trainer(cfg, run_dir).fit()  # same directory: resumes from last.pt, re-opens the same W&B run
-    assert [run.run_id for run in of_kind(wandb_records(run_dir), "run")] == [run_id, run_id]
+    assert [run.run_id for run in of_kind(finished_wandb_records(run_dir, runs=2), "run")] == [run_id, run_id]
 
 
 def test_only_rank_zero_builds_a_tracker(compose_cfg, tmp_path, monkeypatch):
