@@ -107,7 +107,7 @@ def read_lists(data_cfg, root: Path, split: Path) -> tuple[list[str], list[str],
             lists[key] = build_filelist_from_folders(
                 root, str(folders[key]), classes, list(data_cfg.folder_extensions),
                 fix=f"Prepare the dataset with `{prepare_command(data_cfg, root)}`")
-            log.info("%s: %s is not public; built it from the seen-class folders %s/<class>/ (%d images)",
+            log.info("%s: %s is absent (the list is not public): built it from the seen-class folders %s/<class>/ (%d images)",
                      key, name, root / str(folders[key]), len(lists[key]))
         else:
             lists[key] = read_filelist(path)
@@ -122,37 +122,48 @@ def read_unreadable_record(split: Path) -> set[str]:
     return {line.rstrip("\r\n") for line in record.open(encoding="utf-8") if line.strip()}
 
 
-def drop_unavailable(lists: dict[str, FileList], root: Path, split: Path, data_cfg) -> dict[str, FileList]:
-    """Find listed files that are missing (or recorded unreadable by `prepare verify=true`).
+def drop_unavailable(lists: dict[str, FileList], root: Path, split: Path, data_cfg,
+                     pixels: CachedImages | None = None) -> dict[str, FileList]:
+    """Find listed images that a run could not read.
 
+    Without an image cache: files that are missing, or recorded unreadable by `prepare
+    verify=true`. With `data.image_cache`: images absent from the cache (no file access).
     `data.strict=true`: one DatasetError with how many, the first few paths and the fix.
     `data.strict=false`: drop them, with one warning per list giving the count.
     """
-    unreadable = read_unreadable_record(split)
-    listings: dict[str, set[str]] = {}
     bad = {}
-    for key, filelist in lists.items():
-        missing = set(find_missing(root, filelist, listings))
-        missing |= {i for i, p in enumerate(filelist.paths) if p in unreadable}
-        if missing:
+    if pixels is not None:
+        for key, filelist in lists.items():
+            rows = pixels.rows.get(domain_of(key), {})
+            bad[key] = [i for i, p in enumerate(filelist.paths) if p not in rows]
+        what, fix = f"absent from the image cache {pixels.folder}", (
+            f"Rebuild the cache with `{prepare_command(data_cfg, root)} cache=true`")
+    else:
+        unreadable = read_unreadable_record(split)
+        listings: dict[str, set[str]] = {}
+        for key, filelist in lists.items():
+            missing = set(find_missing(root, filelist, listings))
+            missing |= {i for i, p in enumerate(filelist.paths) if p in unreadable}
             bad[key] = sorted(missing)
+        what = "missing or unreadable" + (f" (see {split / UNREADABLE_RECORD})" if unreadable else "")
+        fix = f"Prepare the dataset with `{prepare_command(data_cfg, root)}`"
+    bad = {k: v for k, v in bad.items() if v}
     if not bad:
         return lists
-    total = sum(len(v) for v in bad.values())
     if data_cfg.get("strict", True):
+        total = sum(len(v) for v in bad.values())
         first = [str(root / lists[k].paths[i]) for k, idx in bad.items() for i in idx[:5]][:5]
         per_list = ", ".join(f"{k}: {len(v)}" for k, v in bad.items())
         raise DatasetError(
-            f"{total} listed image files of dataset '{data_cfg.name}' are missing or unreadable ({per_list}); "
-            f"first: {first}. Prepare the dataset with `{prepare_command(data_cfg, root)}`, "
-            "or set data.strict=false to skip them"
+            f"{total} listed images of dataset '{data_cfg.name}' are {what} ({per_list}); first: {first}. "
+            f"{fix}, or set data.strict=false to skip them"
         )
     out = dict(lists)
     for key, idx in bad.items():
         keep = np.setdiff1d(np.arange(len(lists[key])), idx)
         out[key] = _subset(lists[key], keep, lists[key].source)
-        log.warning("data.strict=false: skipping %d of %d %s files that are missing or unreadable (%s)",
-                    len(idx), len(lists[key]), key, lists[key].source)
+        log.warning("data.strict=false: skipping %d of %d %s images that are %s (%s)",
+                    len(idx), len(lists[key]), key, what, lists[key].source)
     return out
 
 
@@ -170,7 +181,8 @@ def load_split(data_cfg, seed: int = 0) -> SplitData:
     else:
         _check_counts(str(data_cfg.name), root, {"seen_classes": len(seen), "unseen_classes": len(unseen),
                                                  **{k: len(v) for k, v in lists.items()}}, data_cfg.get("counts"))
-    lists = drop_unavailable(lists, root, split, data_cfg)
+    pixels = CachedImages(str(data_cfg.image_cache)) if data_cfg.get("image_cache") else None
+    lists = drop_unavailable(lists, root, split, data_cfg, pixels)
     train_sketch = lists["train_sketch"]
     rng = np.random.default_rng(seed)
     if "val_sketch" in lists:
@@ -186,15 +198,12 @@ def load_split(data_cfg, seed: int = 0) -> SplitData:
     val_photo = _subset(train_photo, rng.permutation(len(train_photo))[:gallery_size],
                         f"{train_photo.source} (validation gallery of {gallery_size})")
     data = SplitData(str(data_cfg.name), root, seen, unseen, train_sketch, train_photo, val_sketch, val_photo,
-                     lists["zero_sketch"], lists["zero_photo"])
+                     lists["zero_sketch"], lists["zero_photo"], pixels)
     if cap:
         for key in ("train_sketch", "train_photo", "val_sketch", "val_photo", "zero_sketch", "zero_photo"):
             setattr(data, key, cap_per_class(getattr(data, key), int(cap), seed))
-    if data_cfg.get("image_cache"):
-        data.pixels = CachedImages(str(data_cfg.image_cache))
-        for key in ("train_sketch", "train_photo", "val_sketch", "val_photo", "zero_sketch", "zero_photo"):
-            data.pixels.check_covers(getattr(data, key), domain_of(key))
-        log.info("reading pre-resized images (%d px) from the image cache %s", data.pixels.size, data.pixels.folder)
+    if pixels is not None:
+        log.info("reading pre-resized images (%d px) from the image cache %s", pixels.size, pixels.folder)
     return data
 
 

@@ -127,16 +127,6 @@ class CachedImages:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}}
 
-    def check_covers(self, filelist: FileList, domain: str) -> None:
-        rows = self.rows.get(domain, {})
-        absent = [p for p in filelist.paths if p not in rows]
-        if absent:
-            raise DatasetError(
-                f"the image cache {self.folder} lacks {len(absent)} {domain} images of {filelist.source} "
-                f"(first: {absent[:3]}): it was built from other lists or some images were unreadable. Rebuild it "
-                "with `python -m zsbir.data.prepare data=<name> cache=true`, or set data.image_cache=null"
-            )
-
     def image(self, domain: str, rel_path: str) -> Image.Image:
         if domain not in self._arrays:
             self._arrays[domain] = np.load(self.files[domain], mmap_mode="r")
