@@ -93,7 +93,8 @@ def test_verify_records_corrupt_images_then_strict_fails_and_lenient_skips(share
 
 def test_image_cache_gives_the_same_pixels_without_decoding(shared_splits, tmp_path):
     root = build_tree(shared_splits, tmp_path / "data", "tuberlin")
-    cfg = prepare_cfg(tmp_path, "tuberlin", tmp_path / "data", "cache=true", "cache_size=24", "data.image_size=24")
+    cfg = prepare_cfg(tmp_path, "tuberlin", tmp_path / "data", "cache=true", "cache_size=24", "data.image_size=24",
+                      "workers=2")  # the parallel decode path
     folder = Path(prepare(cfg)["image_cache"])
     assert folder == tmp_path / "cache" / "images" / "tuberlin-24px"
     sketches = np.load(folder / "sketch.npy", mmap_mode="r")

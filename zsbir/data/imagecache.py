@@ -46,17 +46,23 @@ def _decode(args: tuple[str, str, int]) -> np.ndarray | None:
 
 
 def decode_all(root: Path, paths: list[str], domain: str, size: int, workers: int, on_image=None) -> list[int]:
-    """Decode `paths` in parallel (in order); call `on_image(i, pixels)`; return unreadable indices."""
+    """Decode `paths` in parallel (in order); call `on_image(i, pixels)`; return unreadable indices.
+
+    Work goes out in blocks, so decoded images never pile up in memory faster than
+    `on_image` stores them.
+    """
     unreadable = []
-    jobs = ((str(Path(root) / rel), domain, size) for rel in paths)
+    block = max(1, workers) * 256
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    results = pool.map(_decode, jobs, chunksize=64) if pool else map(_decode, jobs)
     try:
-        for i, pixels in enumerate(results):
-            if pixels is None:
-                unreadable.append(i)
-            elif on_image is not None:
-                on_image(i, pixels)
+        for start in range(0, len(paths), block):
+            jobs = [(str(Path(root) / rel), domain, size) for rel in paths[start:start + block]]
+            results = pool.map(_decode, jobs, chunksize=32) if pool else map(_decode, jobs)
+            for i, pixels in enumerate(results, start):
+                if pixels is None:
+                    unreadable.append(i)
+                elif on_image is not None:
+                    on_image(i, pixels)
     finally:
         if pool:
             pool.shutdown()
