@@ -170,7 +170,7 @@ def test_missing_files_give_one_error_or_are_skipped(compose_cfg, tree, caplog):
     with pytest.raises(DatasetError) as err:
         load_split(tiny_cfg(compose_cfg, "quickdraw", data_dir))
     message = str(err.value)
-    assert "4 listed images" in message  # one error for every list
+    assert "4 listed images are missing" in message  # one error for every list
     assert "zero_sketch: 1, zero_photo: 3" in message and str(root / zero.paths[0]) in message
     assert "python -m zsbir.data.prepare data=quickdraw" in message and "data.strict=false" in message
 

@@ -79,7 +79,7 @@ def test_verify_records_corrupt_images_then_strict_fails_and_lenient_skips(share
     corrupt = read_filelist(root / "zeroshot" / "sketch_zero.txt").paths[2]
     (root / corrupt).write_bytes(b"\x89PNG truncated")
     with caplog.at_level(logging.WARNING, logger="zsbir.prepare"):
-        with pytest.raises(DatasetError, match=rf"1 listed images .* unreadable .*{UNREADABLE_RECORD}.*{corrupt}"):
+        with pytest.raises(DatasetError, match=rf"1 listed image is missing or unreadable .*{UNREADABLE_RECORD}.*{corrupt}"):
             prepare(prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", "verify=true"))
     assert any("1 listed images cannot be decoded" in r.getMessage() for r in caplog.records)
     assert (root / "zeroshot" / UNREADABLE_RECORD).read_text() == f"{corrupt}\n"
@@ -122,7 +122,7 @@ def test_cache_that_lacks_listed_images_is_reported(shared_splits, tmp_path):
     folder = prepare(cfg)["image_cache"]
     zero = tmp_path / "data" / "QuickDraw" / "zeroshot" / "all_photo_zero.txt"
     zero.write_text(zero.read_text() + "images/bat/not_cached.jpg 0\n")
-    with pytest.raises(DatasetError, match=r"1 listed images .* absent from the image cache .*not_cached\.jpg.*cache=true"):
+    with pytest.raises(DatasetError, match=r"1 listed image is absent from the image cache .*not_cached\.jpg.*cache=true"):
         load_split(prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", f"data.image_cache={folder}").data)
     lenient = prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", f"data.image_cache={folder}", "data.strict=false")
     assert len(load_split(lenient.data).zero_photo) == 60

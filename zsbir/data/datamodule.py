@@ -155,7 +155,8 @@ def drop_unavailable(lists: dict[str, FileList], root: Path, split: Path, data_c
         first = [str(root / lists[k].paths[i]) for k, idx in bad.items() for i in idx[:5]][:5]
         per_list = ", ".join(f"{k}: {len(v)}" for k, v in bad.items())
         raise DatasetError(
-            f"{total} listed images of dataset '{data_cfg.name}' are {what} ({per_list}); first: {first}. "
+            f"{total} listed image{'s are' if total != 1 else ' is'} {what} in dataset '{data_cfg.name}' ({per_list}); "
+            f"first: {first}. "
             f"{fix}, or set data.strict=false to skip them"
         )
     out = dict(lists)
