@@ -66,7 +66,9 @@ class ImageListDataset(Dataset):
     """One file list (a query or gallery set) for embedding: returns (image, label, index)."""
 
     def __init__(self, root: Path, filelist: FileList, transform: Callable, cache_images: bool = False,
-                 domain: str = "photo", pixels: CachedImages | None = None):
+                 domain: str | None = None, pixels: CachedImages | None = None):
+        if pixels is not None and domain not in ("sketch", "photo"):
+            raise ValueError(f"reading from an image cache needs domain='sketch' or 'photo', got {domain!r}")
         self.root, self.filelist, self.transform, self.domain = Path(root), filelist, transform, domain
         self.cache = ImageCache(cache_images, pixels)
 
