@@ -1,0 +1,1 @@
+"""Benchmark data: file lists, the synthetic benchmark, training triplets, transforms."""

@@ -1,0 +1,84 @@
+"""Reading benchmark split folders: class files and `<relative path> <label>` file lists.
+
+Layout (../shared/docs/datasets.md): `<root>/<split_dir>/cname_cid.txt` (seen classes),
+`cname_cid_zero.txt` (unseen classes, re-indexed from 0) and file lists whose lines are
+`<path relative to root> <label>`; the label is the LAST whitespace token and the path is
+everything before it (TU-Berlin class folders contain spaces).
+"""
+from __future__ import annotations
+
+from zsbir.errors import ZsbirError
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DatasetError(ZsbirError):
+    """A dataset folder, list or image is missing or inconsistent; the message says how to fix it."""
+
+
+@dataclass
+class FileList:
+    """Items of one list: paths relative to the dataset root, integer labels, and where they came from."""
+
+    paths: list[str]
+    labels: list[int]
+    source: str  # the list file (or "built from folders: ...")
+    line_numbers: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def parse_line(line: str, where: str) -> tuple[str, int]:
+    parts = line.rstrip("\r\n").rsplit(maxsplit=1)
+    if len(parts) != 2:
+        raise DatasetError(f"{where}: expected '<relative path> <label>', got {line.strip()!r}")
+    path, label = parts
+    try:
+        return path.strip(), int(label)
+    except ValueError:
+        raise DatasetError(f"{where}: the last token must be an integer label, got {label!r}") from None
+
+
+def read_filelist(path: str | Path) -> FileList:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"file list not found: {path}")
+    paths, labels, lines = [], [], []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            rel, label = parse_line(line, f"{path}:{number}")
+            paths.append(rel)
+            labels.append(label)
+            lines.append(number)
+    return FileList(paths, labels, str(path), lines)
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """Class names ordered by id from a `<class name> <id>` file; ids must be 0..n-1."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"class file not found: {path}")
+    by_id: dict[int, str] = {}
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                name, cid = parse_line(line, f"{path}:{number}")
+                if cid in by_id:
+                    raise DatasetError(f"{path}:{number}: class id {cid} appears twice")
+                by_id[cid] = name
+    if sorted(by_id) != list(range(len(by_id))):
+        raise DatasetError(f"{path}: class ids must be 0..{len(by_id) - 1}")
+    return [by_id[i] for i in range(len(by_id))]
+
+
+def check_labels(filelist: FileList, num_classes: int, class_file: str) -> None:
+    bad = [(p, l) for p, l in zip(filelist.paths, filelist.labels) if not 0 <= l < num_classes]
+    if bad:
+        raise DatasetError(
+            f"{filelist.source}: {len(bad)} labels outside 0..{num_classes - 1} of {class_file} "
+            f"(first: {bad[0]}); was the list paired with the wrong class file?"
+        )

@@ -1,0 +1,97 @@
+"""Image transforms: square padding (white for sketches), resizing, augmentation, normalisation.
+
+Augmentation recipes are named (`data.augment`), after the methods' papers
+(../shared/docs/methods.md):
+- `none`: resize only;
+- `flip`: horizontal flip;
+- `sake`: flip; random affine (scale 0.7-1.3, rotate +-30 deg, shift +-10 px at 224) with p = 0.7;
+- `dsn`: `sake` plus ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8 and grayscale with p = 0.2
+  (the two-view contrastive recipe of DSN);
+- `clip`: flip and a mild random resized crop (scale 0.8-1), as CLIP prompt learners use.
+"""
+from __future__ import annotations
+
+from PIL import Image, ImageOps
+from torchvision import transforms as T
+
+from zsbir.models.encoder import NORMALIZATION
+
+RECIPES = ("none", "flip", "sake", "dsn", "clip")
+WHITE = (255, 255, 255)
+
+
+class PadToSquare:
+    """Pad the shorter side so the image is square, centred, with a fixed fill colour."""
+
+    def __init__(self, fill: tuple[int, int, int] | None):
+        self.fill = fill
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if w == h:
+            return image
+        side = max(w, h)
+        fill = self.fill if self.fill is not None else _mean_colour(image)
+        return ImageOps.pad(image, (side, side), color=fill, centering=(0.5, 0.5))
+
+    def __repr__(self) -> str:
+        return f"PadToSquare(fill={self.fill})"
+
+
+def _mean_colour(image: Image.Image) -> tuple[int, int, int]:
+    small = image.convert("RGB").resize((1, 1), Image.BILINEAR)
+    return small.getpixel((0, 0))
+
+
+def _augmentations(recipe: str, size: int, domain: str) -> list:
+    if recipe not in RECIPES:
+        raise ValueError(f"data.augment must be one of {RECIPES}, got {recipe!r}")
+    affine_fill = WHITE if domain == "sketch" else (0, 0, 0)
+    ops: list = []
+    if recipe in ("flip", "sake", "dsn", "clip"):
+        ops.append(T.RandomHorizontalFlip())
+    if recipe in ("sake", "dsn"):
+        shift = 10 / 224
+        ops.append(
+            T.RandomApply([T.RandomAffine(30, translate=(shift, shift), scale=(0.7, 1.3), fill=affine_fill)], p=0.7)
+        )
+    if recipe == "dsn":
+        ops.append(T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8))
+        ops.append(T.RandomGrayscale(p=0.2))
+    if recipe == "clip":
+        ops.append(T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1)))
+    return ops
+
+
+def build_transform(domain: str, image_size: int, norm: str, augment: str = "none", train: bool = False,
+                    photo_pad: bool = True) -> T.Compose:
+    """PIL image -> normalised float tensor (3 x S x S).
+
+    Sketches are padded to a square with WHITE; photos with their own mean colour when
+    `photo_pad` (else stretched). Augmentation is applied only when `train`.
+    """
+    if norm not in NORMALIZATION:
+        raise ValueError(f"model.norm must be one of {sorted(NORMALIZATION)}, got {norm!r}")
+    mean, std = NORMALIZATION[norm]
+    ops: list = [T.Lambda(_to_rgb)]
+    if domain == "sketch":
+        ops.append(PadToSquare(WHITE))
+    elif photo_pad:
+        ops.append(PadToSquare(None))
+    ops.append(T.Resize((image_size, image_size), antialias=True))
+    if train:
+        ops += _augmentations(augment, image_size, domain)
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent sketch backgrounds become white paper, not black.
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, WHITE)
+        canvas.paste(rgba, mask=rgba.split()[-1])
+        return canvas
+    return image.convert("RGB")
