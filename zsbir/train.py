@@ -30,9 +30,9 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
 def main(cfg: DictConfig) -> float:
     try:
         result = run(cfg, HydraConfig.get().runtime.output_dir)
-    except ZsbirError as err:
+    except ZsbirError as err:  # a user-fixable problem: its message, no traceback
         log.error("%s: %s", type(err).__name__, err)
-        sys.exit(1)
+        sys.exit(err.exit_code)  # 1; 75 (EXIT_PREEMPTED) when stopped by SIGTERM/SIGUSR1 to be requeued
     return float(result["test"]["map_all"])
 
 
