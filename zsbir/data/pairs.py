@@ -32,7 +32,7 @@ def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
         line = filelist.line_numbers[index] if filelist.line_numbers else "?"
         raise DatasetError(
             f"cannot read image {path} (listed in {filelist.source}, line {line}): {err}. "
-            "Re-extract the dataset, or set data.strict=false to skip unreadable files"
+            "Re-extract or replace that file, or remove its line from the list"
         ) from err
 
 

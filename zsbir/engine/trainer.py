@@ -210,7 +210,7 @@ class Trainer:
             total, terms = self.loss_set(batch, outputs, self.ctx)
         if not torch.isfinite(total):
             bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-            return self._nonfinite(f"non-finite loss: terms {bad or ['total (weighted sum)']}", terms)
+            return self._nonfinite(f"non-finite loss (terms {bad or ['total (weighted sum)']})", terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -241,7 +241,7 @@ class Trainer:
                 "Lower optim.lr, enable trainer.grad_clip, or set trainer.skip_nonfinite=true to skip such steps"
             )
         self.nonfinite_steps += 1
-        log.warning("skipping %s: %s, terms %s (%d skipped so far)", where, problem, _term_values(terms),
+        log.warning("skipping %s: %s; loss terms %s (%d skipped so far)", where, problem, _term_values(terms),
                     self.nonfinite_steps)
         return {"skipped": 1.0}
 
@@ -405,7 +405,7 @@ class Trainer:
 
 
 def _term_values(terms: dict) -> str:
-    return "{" + ", ".join(f"{name}: {float(value):.4g}" for name, value in terms.items()) + "}"
+    return "{" + ", ".join(f"{name}: {float(value.detach()):.4g}" for name, value in terms.items()) + "}"
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
