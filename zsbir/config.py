@@ -291,18 +291,25 @@ def _check_across_groups(values: dict) -> list[str]:
 def import_target(dotted: str) -> Any:
     """The object a `_target_` names: the longest importable module prefix, then attributes."""
     parts = dotted.split(".")
+    missing = None  # the longest prefix that is not a module: the likely typo
     for cut in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:cut])
         try:
             found = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name and (module_name + ".").startswith(err.name + "."):
+                missing = missing or module_name
                 continue  # this prefix is not a module: try a shorter one
             raise  # the module exists but one of its own imports is missing
-        for attribute in parts[cut:]:
-            found = getattr(found, attribute)
+        try:
+            for attribute in parts[cut:]:
+                found = getattr(found, attribute)
+        except AttributeError:
+            if missing:
+                raise ImportError(f"no module named {missing!r}") from None
+            raise
         return found
-    raise ImportError(f"no module named {parts[0]!r}")
+    raise ImportError(f"no module named {missing or parts[0]!r}")
 
 
 def _show(value: Any) -> str:
