@@ -93,10 +93,17 @@ def reference(tmp_path_factory, zsbir_cache) -> Path:
     return run_dir
 
 
-def test_preempted_then_killed_run_resumes_to_exactly_the_uninterrupted_result(reference, tmp_path, zsbir_cache):
-    """SIGTERM in epoch 1 (clean stop, exit 75), SIGKILL in epoch 2, then a run to the end."""
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_preempted_then_killed_run_resumes_to_exactly_the_uninterrupted_result(reference, tmp_path, zsbir_cache,
+                                                                                workers):
+    """SIGTERM in epoch 1 (clean stop, exit 75), SIGKILL in epoch 2, then a run to the end.
+
+    With DataLoader workers the interrupted run must still match the (0-worker) reference:
+    the data do not depend on the number of workers, nor on where a run was resumed.
+    """
     run_dir = tmp_path / "run"
-    process = start(run_dir, zsbir_cache)
+    command = run_dir, zsbir_cache, f"data.num_workers={workers}"
+    process = start(*command)
     wait_for_step(process, run_dir, 3)
     process.send_signal(signal.SIGTERM)
     rc, output = finish(process, timeout=120)
@@ -106,7 +113,7 @@ def test_preempted_then_killed_run_resumes_to_exactly_the_uninterrupted_result(r
     assert f"PreemptedError: stopped by SIGTERM at step {stopped['step']}" in output
     assert "Traceback" not in output
 
-    process = start(run_dir, zsbir_cache)  # the same command: resumes, then is killed without warning
+    process = start(*command)  # the same command: resumes, then is killed without warning
     wait_for_step(process, run_dir, STEPS_PER_EPOCH + 3)
     process.send_signal(signal.SIGKILL)
     output, _ = process.communicate(timeout=60)
@@ -117,7 +124,7 @@ def test_preempted_then_killed_run_resumes_to_exactly_the_uninterrupted_result(r
     # What a kill in the middle of a checkpoint write leaves behind; the resumed run removes it.
     (run_dir / ".last.pt.4242-0badf00d.tmp").write_bytes(b"half a checkpoint")
 
-    rc, output = finish(start(run_dir, zsbir_cache))
+    rc, output = finish(start(*command))
     assert rc == 0, output
     assert f"at step {killed['step']}" in output
     assert "unseen-class mAP@all before training" not in output  # evaluated once, in the first run
