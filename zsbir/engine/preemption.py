@@ -67,13 +67,14 @@ class PreemptionHandler:
 
     def stop(self, where: str) -> None:
         """Called once the state is saved: hand over to the launcher's handler, or raise PreemptedError."""
-        sig = self.received
-        previous = self.previous.get(sig)
+        sig = self.received  # None on a rank that stops because another rank was signalled
+        previous = self.previous.get(sig) if sig else None
         self.__exit__()
         if callable(previous):
             log.warning("%s: handing over to the previously installed %s handler", where, sig.name)
             previous(int(sig), None)
+        cause = sig.name if sig else "a signal to another rank"
         raise PreemptedError(
-            f"stopped by {sig.name} {where}. Re-run the same command with the same run directory "
+            f"stopped by {cause} {where}. Re-run the same command with the same run directory "
             f"(hydra.run.dir=...) to resume; exit code {EXIT_PREEMPTED} means 'preempted, requeue me'"
         )
