@@ -161,8 +161,7 @@ def validate_config(cfg: DictConfig) -> None:
     for group, (reserved, injected) in INSTANTIATED.items():
         problems += _check_group(values, group, lambda node, g=group, r=reserved, i=injected: check_target(node, g, r, i))
     problems += _check_loss(values.get("loss"))
-    if not problems:
-        problems = _check_across_groups(values)
+    problems += _check_across_groups(values)
     if problems:
         listing = "; ".join(problems)
         raise ConfigError(
@@ -277,14 +276,19 @@ def metric_names(eval_cfg: dict) -> list[str]:
 
 def _check_across_groups(values: dict) -> list[str]:
     """Rules that tie groups together; metric names would otherwise fail only after an epoch."""
-    known = metric_names(values["eval"])
-    hint = f"the evaluator reports {'|'.join(known)} (set by eval.map_at / eval.prec_at)"
-    select = values["trainer"]["select_metric"]
-    problems = [] if select in known else [f"trainer.select_metric={select!r}: {hint}"]
-    problems += [f"data.metrics contains {m!r}: {hint}" for m in values["data"].get("metrics") or [] if m not in known]
-    data = values["data"]
-    if not data.get("synthetic") and not data.get("root"):
+    trainer, data, eval_cfg = (values.get(g) if isinstance(values.get(g), dict) else {} for g in ("trainer", "data", "eval"))
+    problems = []
+    if data and not data.get("synthetic") and not data.get("root"):
         problems.append("data.root is null: set data.root=/path/to/the/dataset (or paths.data_dir / ZSBIR_DATA)")
+    if not all(isinstance(k, int) for k in [*(eval_cfg.get("map_at") or []), *(eval_cfg.get("prec_at") or [])]):
+        return problems  # eval.map_at / prec_at themselves are wrong, and reported as such
+    known = metric_names(eval_cfg)
+    hint = f"the evaluator reports {'|'.join(known)} (set by eval.map_at / eval.prec_at)"
+    select = trainer.get("select_metric")
+    if isinstance(select, str) and select not in known:
+        problems.append(f"trainer.select_metric={select!r}: {hint}")
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), list) else []
+    problems += [f"data.metrics contains {m!r}: {hint}" for m in metrics if m not in known]
     return problems
 
 

@@ -31,7 +31,8 @@ def main(cfg: DictConfig) -> float:
     try:
         result = run(cfg, HydraConfig.get().runtime.output_dir)
     except ZsbirError as err:  # a user-fixable problem: its message, no traceback
-        log.error("%s: %s", type(err).__name__, err)
+        # a preemption (exit 75) is the expected end of a requeued job's slice, not an error
+        log.log(logging.ERROR if err.exit_code == 1 else logging.WARNING, "%s: %s", type(err).__name__, err)
         sys.exit(err.exit_code)  # 1; 75 (EXIT_PREEMPTED) when stopped by SIGTERM/SIGUSR1 to be requeued
     return float(result["test"]["map_all"])
 

@@ -149,9 +149,9 @@ class Trainer:
         theirs, ours = state.get("fingerprint", {}), self._fingerprint()
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} has checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
-        diffs = [k for k in ours if theirs.get(k) != ours[k]]
+        diffs = _changed_keys({k: theirs.get(k) for k in ours}, ours, before="checkpoint ", after="config ")
         if diffs:
-            detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours[k]!r}" for k in diffs)
+            detail = "; ".join(diffs)
             raise CheckpointError(
                 f"{path} was written by a different model or config ({detail}). Use the same config to "
                 "resume, or start a new run directory (hydra.run.dir=...)"
@@ -173,7 +173,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.resume_state, self.saved_step = state, self.step
         self.ctx.step, self.ctx.epoch = self.step, self.epoch
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch + 1, self.batch_in_epoch)
         changed = _changed_keys(state.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True))
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
@@ -408,14 +408,14 @@ def _term_values(terms: dict) -> str:
     return "{" + ", ".join(f"{name}: {float(value.detach()):.4g}" for name, value in terms.items()) + "}"
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain config dicts."""
+def _changed_keys(old: dict, new: dict, prefix: str = "", before: str = "", after: str = "") -> list[str]:
+    """`key: <before>old -> <after>new` for every dotted key whose value differs between two plain dicts."""
     changed = []
     for key in sorted(set(old) | set(new), key=str):
         path = f"{prefix}{key}"
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, path + ".")
+            changed += _changed_keys(a, b, path + ".", before, after)
         elif a != b:
-            changed.append(f"{path} ({a!r} -> {b!r})")
+            changed.append(f"{path}: {before}{a!r} -> {after}{b!r}")
     return changed
