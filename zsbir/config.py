@@ -30,15 +30,13 @@ from zsbir.errors import ConfigError
 
 
 def option(default: Any = MISSING, *, choices: tuple | None = None, minimum: float | None = None,
-           maximum: float | None = None, pattern: tuple[str, str] | None = None, default_factory: Any = MISSING):
-    """A schema field; MISSING default = the key is required.
-
-    `pattern` is (full-match regex, what it means in words).
+           maximum: float | None = None, pattern: tuple[str, str] | None = None):
+    """A schema field. Without a default the key is required (the code reads it unguarded); a
+    default is what the code assumes when the key is absent. `pattern`: (full-match regex, its
+    meaning in words).
     """
-    metadata = {"choices": choices, "minimum": minimum, "maximum": maximum, "pattern": pattern}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata={"choices": choices, "minimum": minimum, "maximum": maximum,
+                                            "pattern": pattern})
 
 
 @dataclass(kw_only=True)
@@ -48,25 +46,25 @@ class TrainerSchema:
     max_epochs: int = option(minimum=1)
     max_steps: Optional[int] = option(None, minimum=1)
     limit_train_batches: Optional[int] = option(None, minimum=1)
-    grad_clip: Optional[float] = option(None, minimum=0)
+    grad_clip: Optional[float] = option(minimum=0)
     log_every: int = option(minimum=1)
     val_every_epochs: int = option(minimum=1)
     select_metric: str = option()
     ckpt_every_s: Optional[float] = option(None, minimum=0)
     ckpt_every_steps: Optional[int] = option(None, minimum=1)
-    resume: bool = option(True)
-    skip_nonfinite: bool = option(False)
-    progress_bar: bool = option(True)
+    resume: bool = option()
+    skip_nonfinite: bool = option()
+    progress_bar: bool = option()
 
 
 @dataclass(kw_only=True)
 class EvalSchema:
     protocol: str = option(choices=("voc", "plain"))
-    map_at: List[int] = option(default_factory=list)
-    prec_at: List[int] = option(default_factory=list)
-    per_class: bool = option(False)
+    map_at: List[int] = option()
+    prec_at: List[int] = option()
+    per_class: bool = option()
     chunk_size: Optional[int] = option(None, minimum=1)
-    before_training: bool = option(True)
+    before_training: bool = option()
 
 
 @dataclass(kw_only=True)
@@ -118,12 +116,12 @@ class DataSchema:
     synthetic: Optional[SyntheticSpec] = option(None)
     lists: ListsSchema = option()
     counts: Optional[Dict[str, Optional[int]]] = option(None)
-    metrics: List[str] = option(default_factory=list)
+    metrics: List[str] = option()
     image_size: int = option(minimum=1)
-    augment: str = option("none", choices=RECIPES)
+    augment: str = option(choices=RECIPES)
     batch_size: int = option(minimum=1)
     eval_batch_size: int = option(minimum=1)
-    num_workers: int = option(0, minimum=0)
+    num_workers: int = option(minimum=0)
     cache_images: bool = option(False)
     val_fraction: float = option(0.1, minimum=0, maximum=1)
     val_gallery_size: int = option(minimum=1)
