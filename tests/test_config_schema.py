@@ -29,8 +29,7 @@ def problems(compose_cfg, *overrides: str) -> str:
 ])
 def test_every_shipped_config_option_is_valid(compose_cfg, override):
     """A schema that lags behind a config file fails here, naming the key to add to zsbir/config.py."""
-    extra = ["model.cls_head=true"] if override == "loss=[ce]" else []
-    validate_config(compose_cfg(override, *extra))
+    validate_config(compose_cfg(override))
 
 
 def test_wrong_types_are_named_with_the_expected_type(compose_cfg):
