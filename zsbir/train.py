@@ -97,12 +97,13 @@ def main(cfg: DictConfig) -> float | None:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         result = run(cfg, run_dir)
-    except ZsbirError as err:
-        if not sweeping:
-            log.error("%s: %s", type(err).__name__, err)
-            sys.exit(1)
-        record_failure(run_dir, err)
-        return None
+    except ZsbirError as err:  # a user-fixable problem: its message, no traceback
+        if sweeping and err.exit_code == 1:
+            record_failure(run_dir, err)
+            return None
+        # a preemption (exit 75) is the expected end of a requeued job's slice, not an error
+        log.log(logging.ERROR if err.exit_code == 1 else logging.WARNING, "%s: %s", type(err).__name__, err)
+        sys.exit(err.exit_code)  # 1; 75 (EXIT_PREEMPTED) when stopped by SIGTERM/SIGUSR1 to be requeued
     except Exception as err:
         if not sweeping:
             raise

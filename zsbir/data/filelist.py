@@ -45,7 +45,10 @@ def parse_line(line: str, where: str) -> tuple[str, int]:
 def read_filelist(path: str | Path) -> FileList:
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"file list not found: {path}")
+        raise DatasetError(
+            f"file list not found: {path}. Check data.root, data.split_dir and data.lists, or prepare the "
+            "dataset again (an incomplete download lacks some lists)"
+        )
     paths, labels, lines = [], [], []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
