@@ -59,8 +59,9 @@ def run_eval(cfg: DictConfig) -> dict:
     data = load_split(data_cfg, seed=int(run_cfg.seed))
 
     device = pick_device(str(cfg.device))
-    autocast = amp_dtype(str(cfg.precision or run_cfg.trainer.get("precision", "fp32")), device)
-    precision = str(cfg.precision or run_cfg.trainer.get("precision", "fp32")) if autocast else "fp32"  # CPU: no autocast
+    requested = str(cfg.precision or run_cfg.trainer.get("precision", "fp32"))
+    autocast = amp_dtype(requested, device)
+    precision = requested if autocast else "fp32"  # autocast only runs on CUDA
     model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
     if "pretrained" in model_cfg:
         model_cfg["pretrained"] = None  # every weight comes from the checkpoint: no download, no weight file
