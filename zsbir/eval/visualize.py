@@ -51,11 +51,11 @@ def write_retrieval_grids(embeddings: Embeddings, root: str | Path, query_list: 
     Earlier grids in `out_dir` are removed first, so the folder shows one evaluation only.
     """
     out_dir = Path(out_dir)
+    for old in out_dir.glob("query*.png"):
+        old.unlink()
     if int(queries) <= 0 or len(query_list) == 0 or len(gallery_list) == 0:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("query*.png"):
-        old.unlink()
     picked = sample_queries(len(query_list), queries, seed)
     ranking = ranked_gallery(embeddings.queries[picked], embeddings.gallery, top_k)
     paths = []
