@@ -6,11 +6,12 @@ another dataset instead, at the run's input size (`image_size=` overrides it). R
 to `<run_dir>/eval/<dataset>-<ckpt>/`: `eval_metrics.json`, `results.txt` and `grids/`.
 
 Query and gallery embeddings are cached in `<run_dir>/embeddings/<key>.pt`. The key is a
-SHA-256 of the checkpoint FILE BYTES (any re-saved or retrained checkpoint is a new key;
-hashing streams the file at disk speed, about 1 s per GB) and of what the embeddings
-depend on: dataset root, both file lists (paths and labels, in order), input size,
-normalisation and autocast precision. A stale cache can therefore never be reused; an
-unreadable cache file is recomputed.
+SHA-256 of the checkpoint FILE BYTES (any re-saved or retrained checkpoint is a new key)
+and of what the embeddings depend on: dataset root, both file lists (paths and labels, in
+order), input size, normalisation and autocast precision. A stale cache can therefore
+never be reused; an unreadable cache file is recomputed. Hashing streams the file: 0.9 s
+per 256 MiB measured on a loaded 2-core VM, about a second for a ResNet-50 checkpoint with
+its optimizer state, against minutes of embedding.
 """
 from __future__ import annotations
 
