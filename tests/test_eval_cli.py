@@ -182,3 +182,10 @@ def test_user_mistakes_get_clear_errors(run_copy, tmp_path, evaluate_run, compos
     OmegaConf.save(config, run_copy / "config.yaml")
     with pytest.raises(CheckpointError, match="different model .*model.embed_dim"):
         evaluate_run(run_copy, "ckpt=last")
+
+
+def test_eval_config_defaults_match_training(compose_cfg):
+    """configs/eval.yaml repeats train.yaml's eval node; the two must not drift apart."""
+    train = OmegaConf.to_container(compose_cfg().eval)
+    train.pop("before_training")  # training only
+    assert OmegaConf.to_container(compose_cfg("run_dir=x", config_name="eval").eval) == train
