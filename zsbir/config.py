@@ -58,6 +58,23 @@ class TrainerSchema:
 
 
 @dataclass(kw_only=True)
+class BinarySchema:
+    enabled: bool = option(False)
+    bits: int = option(64, minimum=1)
+    fit_on: str = option("gallery", choices=("gallery", "queries", "all"))
+    iterations: int = option(50, minimum=1)
+    seed: int = option(0, minimum=0)
+
+
+@dataclass(kw_only=True)
+class GridsSchema:
+    queries: int = option(8, minimum=0)
+    top_k: int = option(10, minimum=1)
+    seed: int = option(0, minimum=0)
+    tile: int = option(96, minimum=8)
+
+
+@dataclass(kw_only=True)
 class EvalSchema:
     protocol: str = option(choices=("voc", "plain"))
     map_at: List[int] = option()
@@ -65,6 +82,8 @@ class EvalSchema:
     per_class: bool = option()
     chunk_size: Optional[int] = option(None, minimum=1)
     before_training: bool = option()
+    binary: Optional[BinarySchema] = option(None)
+    grids: Optional[GridsSchema] = option(None)
 
 
 @dataclass(kw_only=True)

@@ -30,7 +30,8 @@ from zsbir.engine.optim import build_optimizer, build_scheduler
 from zsbir.engine.runinfo import write_run_info
 from zsbir.engine.seed import rng_state, seed_everything, set_rng_state
 from zsbir.errors import ConfigError, ZsbirError
-from zsbir.eval.retrieval import evaluate, format_table
+from zsbir.eval.retrieval import evaluate, evaluate_with_embeddings, format_table, table_keys
+from zsbir.eval.visualize import write_retrieval_grids
 from zsbir.losses.base import LossContext, build_loss_set
 from zsbir.models.encoder import build_encoder
 from zsbir.tracking import build_tracker
@@ -183,10 +184,18 @@ class Trainer:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_unseen(self) -> dict:
+    def evaluate_unseen(self, with_embeddings: bool = False):
+        """Unseen-class metrics; with `with_embeddings`, (metrics, Embeddings)."""
         queries = eval_loader(self.data, self.data.zero_sketch, "sketch", self.cfg.data, self.encoder.norm)
         gallery = eval_loader(self.data, self.data.zero_photo, "photo", self.cfg.data, self.encoder.norm)
-        return evaluate(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp)
+        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp)
+        return (metrics, embeddings) if with_embeddings else metrics
+
+    def write_grids(self, embeddings) -> list[Path]:
+        """Retrieval grids of the unseen-class test queries into <run_dir>/grids (eval.grids)."""
+        grids = self.cfg.eval.get("grids") or {}
+        return write_retrieval_grids(embeddings, self.data.root, self.data.zero_sketch, self.data.zero_photo,
+                                     self.data.unseen_classes, self.run_dir / "grids", **grids)
 
     def validate_seen(self) -> dict:
         queries = eval_loader(self.data, self.data.val_sketch, "sketch", self.cfg.data, self.encoder.norm)
@@ -372,9 +381,10 @@ class Trainer:
     def _finish(self, t_start: float) -> dict:
         best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
         self.encoder.load_state_dict(best["model"])
-        test = self.evaluate_unseen()
+        test, embeddings = self.evaluate_unseen(with_embeddings=True)
+        grids = self.write_grids(embeddings) if self.main else []
         wall_time = time.monotonic() - t_start
-        keys = list(dict.fromkeys([*self.cfg.data.metrics, *DEFAULT_METRICS]))
+        keys = table_keys(self.cfg.data.metrics, self.cfg.eval, DEFAULT_METRICS)
         total, trainable = self.encoder.num_parameters()
         result = {
             "method": self.cfg.get("method"),
@@ -396,6 +406,7 @@ class Trainer:
             "params_trainable": trainable,
             "world_size": dist.world_size(),
             "wall_time_s": round(wall_time, 2),
+            "retrieval_grids": [str(p.relative_to(self.run_dir)) for p in grids],
         }
         rows = {"untrained network": self.metrics_before} if self.metrics_before else {}
         rows[f"trained (best.pt, step {self.best_step})"] = test
@@ -407,6 +418,8 @@ class Trainer:
             log.info("\n%s\nqueries: %d, gallery: %d; wall time %.1f s; run directory %s", table, result["n_queries"],
                      result["n_gallery"], wall_time, self.run_dir)
             self.tracker.summary({f"test/{k}": v for k, v in test.items()})
+            if grids:
+                self.tracker.log_images("retrieval_grids", grids, self.step)
             self.tracker.finish()
         return result
 
