@@ -125,6 +125,16 @@ def test_missing_imagenet_weights_fail_fast_offline(monkeypatch):
         PuXIMEncoder(pretrained="augreg_in21k_ft_in1k", image_size=224)
 
 
+def test_missing_vxl_weights_name_the_loss_key(monkeypatch):
+    from zsbir.losses.puxim import PurifiedMatchingLoss
+    from zsbir.models.weights import MissingWeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *args, **kwargs: None)
+    with pytest.raises(MissingWeightsError, match=r"loss\.puxim_match\.vxl\.pretrained=/path/to/file"):
+        PurifiedMatchingLoss(vxl={"mask_ratio": 0.65}, tiny=False)
+
+
 # ------------------------------------------------------------------ interaction head
 
 

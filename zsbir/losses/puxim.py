@@ -27,8 +27,8 @@ from torch import nn
 
 from zsbir.losses.base import LossConfigError, LossContext, LossTerm
 from zsbir.models.puxim import TINY_WIDTH
-from zsbir.models.vxl import VxLSampler, renormalize, shared_sampler
-from zsbir.models.weights import local_weights_path
+from zsbir.models.vxl import VxLConfigError, VxLSampler, renormalize, shared_sampler
+from zsbir.models.weights import MissingWeightsError, local_weights_path
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,26 @@ class PurifiedPhotosTerm(LossTerm):
         settings["image_size"] = int(settings["image_size"])
         settings["mask_ratio"] = float(settings["mask_ratio"])
         # Kept outside the module tree: frozen, so neither trained nor written into checkpoints.
-        self._sampler = (shared_sampler(tiny=bool(tiny), **settings),)
+        self._sampler = (self._build_sampler(settings, bool(tiny)),)
         self.cache_masks = bool(cache_masks) and data_augment in DETERMINISTIC_AUGMENT
         if cache_masks and not self.cache_masks:
             log.info("loss.%s: not caching VxL masks: data.augment=%s changes photos every epoch", self.name, data_augment)
+
+    def _build_sampler(self, settings: dict, tiny: bool) -> VxLSampler:
+        """The shared sampler; its errors name this term's config keys."""
+        try:
+            return shared_sampler(tiny=tiny, **settings)
+        except VxLConfigError as err:
+            raise VxLConfigError(f"loss.{self.name}.{err}") from None
+        except MissingWeightsError:
+            arch, tag = settings["arch"], settings["pretrained"]
+            raise MissingWeightsError(
+                f"the VxL sampler's CLIP weights {arch!r} / {tag!r} (open_clip) are not available: this machine is "
+                f"offline and they are not in the HF cache. Provide a local file with "
+                f"`loss.{self.name}.vxl.pretrained=/path/to/file` (experiment=puxim: the other PuXIM term follows), "
+                f"written on a networked machine by `python -m zsbir.models.weights open_clip {arch} {tag} "
+                f"clip_{arch}_{tag}.safetensors`; or run once with network so that open_clip caches them"
+            ) from None
 
     @property
     def sampler(self) -> VxLSampler:
