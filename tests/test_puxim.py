@@ -70,11 +70,12 @@ def test_vxl_masks_are_cached_per_photo_id():
     sampler = tiny_sampler(0.5)
     names = ["a", "b"]
     images = torch.randn(2, 3, 32, 32)
-    ids = [("split", 10), ("split", 11)]
-    first = sampler.keep_index(images, torch.tensor([0, 1]), names, photo_ids=ids)
+    cache = {}
+    first = sampler.keep_index(images, torch.tensor([0, 1]), names, photo_ids=[10, 11], cache=cache)
+    assert sorted(cache) == [10, 11] and first.shape == (2, 8)
     # the cache answers for the same ids even for other pixels (the photo of an id never changes)
-    again = sampler.keep_index(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), names, photo_ids=ids)
-    assert torch.equal(first, again) and first.shape == (2, 8)
+    again = sampler.keep_index(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), names, photo_ids=[10, 11], cache=cache)
+    assert torch.equal(first, again)
 
 
 def test_vxl_rejects_bad_settings():
@@ -176,6 +177,9 @@ def test_each_puxim_loss_decreases_on_a_fixed_batch(compose_cfg, tmp_path):
         logs = trainer.train_step(batch)
         trainer.step += 1
         history.append({k: float(v) for k, v in logs.items()})
+    # the masks of the batch's photos are cached (computed at the first step, reused after)
+    photos = set(batch["pos_index"].tolist()) | set(batch["neg_index"].tolist())
+    assert set(terms["puxim_recon"]._mask_cache) == photos
     for term in ("triplet", "puxim_recon", "puxim_match"):
         values = [h[f"loss/{term}"] for h in history]
         assert all(torch.isfinite(torch.tensor(values))), (term, values)

@@ -61,6 +61,8 @@ class PurifiedPhotosTerm(LossTerm):
         # Kept outside the module tree: frozen, so neither trained nor written into checkpoints.
         self._sampler = (self._build_sampler(settings, bool(tiny)),)
         self.cache_masks = bool(cache_masks) and data_augment in DETERMINISTIC_AUGMENT
+        # training-photo index -> kept patches; per term instance, i.e. per run and dataset
+        self._mask_cache: dict[int, torch.Tensor] = {}
         if cache_masks and not self.cache_masks:
             log.info("loss.%s: not caching VxL masks: data.augment=%s changes photos every epoch", self.name, data_augment)
 
@@ -109,11 +111,10 @@ class PurifiedPhotosTerm(LossTerm):
             if any(VIEW_INDEX[v] not in batch for v in MASKED_VIEWS):
                 raise LossConfigError(f"loss.{self.name}: the batch has no photo indices (pos_index / neg_index) to "
                                       "cache masks under; set cache_masks=false")
-            split = str(ctx.extras.get("split_dir"))
-            indices = torch.cat([batch[VIEW_INDEX[v]] for v in MASKED_VIEWS]).tolist()
-            photo_ids = [(split, int(i)) for i in indices]
+            photo_ids = [int(i) for i in torch.cat([batch[VIEW_INDEX[v]] for v in MASKED_VIEWS]).tolist()]
         clip_images = renormalize(images, encoder.norm, "clip")
-        keep_index = self.sampler.keep_index(clip_images, labels, list(ctx.extras["class_names"]), photo_ids)
+        keep_index = self.sampler.keep_index(clip_images, labels, list(ctx.extras["class_names"]), photo_ids,
+                                             self._mask_cache)
         out = encoder.encode_masked(images, "photo", keep_index)
         size = len(batch[MASKED_VIEWS[0]])
         result = {view: type(out)({k: t[i * size:(i + 1) * size].float() if t.is_floating_point() else t[i * size:(i + 1) * size]

@@ -13,10 +13,10 @@ is the text tower's embedding of the class name (`_` and `-` read as spaces). Th
 go to the lower patch index), the rest are masked. Everything runs under no-grad; the
 CLIP model is never trained and never saved in checkpoints.
 
-Kept-patch indices are cached per training photo (its index in the training list) when
-the caller says the photos are not randomly augmented (the mask of one photo then never
-changes). One sampler instance is shared by every loss term with the same settings
-(`shared_sampler`), so the CLIP weights are loaded once.
+Kept-patch indices can be cached per training photo in a dict the caller owns (the PuXIM
+loss terms keep one per run, and use it only when photos are not randomly augmented: the
+mask of one photo then never changes). One sampler instance is shared by every loss term
+with the same settings (`shared_sampler`), so the CLIP weights are loaded once.
 """
 from __future__ import annotations
 
@@ -86,7 +86,6 @@ class VxLSampler:
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.grid = tuple(int(n) for n in visual.grid_size)
         self._text: dict[tuple[str, ...], torch.Tensor] = {}
-        self._kept: dict[Hashable, torch.Tensor] = {}
 
     @property
     def n_patches(self) -> int:
@@ -121,26 +120,27 @@ class VxLSampler:
 
     @torch.no_grad()
     def keep_index(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
-                   photo_ids: list[Hashable] | None = None) -> torch.Tensor:
+                   photo_ids: list[Hashable] | None = None,
+                   cache: dict[Hashable, torch.Tensor] | None = None) -> torch.Tensor:
         """Indices (B x n_keep, ascending) of the patches to keep; computed for cache misses only.
 
         `images` are CLIP-normalised. With `photo_ids` (one key per image that names it
-        uniquely, e.g. (split folder, index in the training list)), results are cached
-        under that key.
+        uniquely, e.g. its index in the training photo list) and a `cache` dict, results
+        are looked up in and stored into `cache` under those keys.
         """
         self.model.to(images.device)
-        if photo_ids is None:
+        if photo_ids is None or cache is None:
             text = self.text_embeddings(class_names)[labels.to(self._device())]
             return most_relevant(self.relevance(images, text), self.n_keep).to(images.device)
         ids = list(photo_ids)
-        missing = [row for row, photo in enumerate(ids) if photo not in self._kept]
+        missing = [row for row, photo in enumerate(ids) if photo not in cache]
         if missing:
             rows = torch.tensor(missing, device=images.device)
             text = self.text_embeddings(class_names)[labels.to(self._device())[rows.to(self._device())]]
             fresh = most_relevant(self.relevance(images[rows], text), self.n_keep).cpu()
             for row, kept in zip(missing, fresh):
-                self._kept[ids[row]] = kept
-        return torch.stack([self._kept[photo] for photo in ids]).to(images.device)
+                cache[ids[row]] = kept
+        return torch.stack([cache[photo] for photo in ids]).to(images.device)
 
     def check_grid(self, encoder_grid: tuple[int, int]) -> None:
         if tuple(encoder_grid) != self.grid:
