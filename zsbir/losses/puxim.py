@@ -117,10 +117,11 @@ class PurifiedPhotosTerm(LossTerm):
                                              self._mask_cache)
         out = encoder.encode_masked(images, "photo", keep_index)
         size = len(batch[MASKED_VIEWS[0]])
-        result = {view: type(out)({k: t[i * size:(i + 1) * size].float() if t.is_floating_point() else t[i * size:(i + 1) * size]
-                                   for k, t in out.items()})
-                  for i, view in enumerate(MASKED_VIEWS)}
-        batch[memo] = result
+        result = {}
+        for i, view in enumerate(MASKED_VIEWS):
+            rows = slice(i * size, (i + 1) * size)
+            result[view] = type(out)({k: t[rows].float() if t.is_floating_point() else t[rows] for k, t in out.items()})
+        batch[memo] = result  # the batch dict lives for one step: the second term reuses this pass
         return result
 
 
@@ -159,7 +160,8 @@ class PurifiedReconstructionLoss(PurifiedPhotosTerm):
         if tiny:
             encoder_width, decoder_dim, decoder_heads = TINY_WIDTH, 32, 2
         if decoder_dim % decoder_heads:
-            raise LossConfigError(f"loss.puxim_recon.decoder_dim={decoder_dim} is not divisible by decoder_heads={decoder_heads}")
+            raise LossConfigError(f"loss.puxim_recon.decoder_dim={decoder_dim} is not divisible by "
+                                  f"decoder_heads={decoder_heads}")
         self.encoder_width = int(encoder_width)
         self.decoder = MaskedTokenDecoder(self.encoder_width, int(decoder_dim), int(decoder_depth), int(decoder_heads))
 
