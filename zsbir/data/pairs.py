@@ -112,7 +112,9 @@ class TripletDataset(Dataset):
         others = self.photo_classes[self.photo_classes != label]
         neg_label = int(rng.choice(others))
         neg = int(rng.choice(self.photos_by_class[neg_label]))
-        item = {"label": label, "neg_label": neg_label, "index": index}
+        # pos_index / neg_index: the photos' indices in the training photo list (PuXIM caches
+        # its per-photo patch masks under them)
+        item = {"label": label, "neg_label": neg_label, "index": index, "pos_index": pos, "neg_index": neg}
         sources = {
             "sketch": (self.sketches, index, "sketch"),
             "sketch_v2": (self.sketches, index, "sketch"),
