@@ -99,6 +99,8 @@ class Trainer:
         self.metrics_before: dict | None = None
         self.nonfinite_steps = 0
         self.resume_state: dict = {}
+        self.wall_time_before = 0.0  # seconds spent in earlier sessions of this run (resumes)
+        self._t_fit = time.monotonic()
         self.saved_step = -1  # the step of the newest last.pt (-1: none yet)
         self.ctx = LossContext(step=self.step, total_steps=self.total_steps, epoch=self.epoch, encoder=self.encoder,
                                steps_per_epoch=self.steps_per_epoch,
@@ -141,6 +143,7 @@ class Trainer:
             "metrics_before": self.metrics_before,
             "nonfinite_steps": self.nonfinite_steps,
             "rng": rng_state(),
+            "wall_time_s": self.wall_time(),
             "tracker": self.tracker.state_dict() if self.tracker else {},
         }
 
@@ -176,6 +179,7 @@ class Trainer:
         for key in ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "metrics_before", "nonfinite_steps"):
             setattr(self, key, state[key])
         set_rng_state(state["rng"])
+        self.wall_time_before = float(state.get("wall_time_s", 0.0))
         self.resume_state, self.saved_step = state, self.step
         self.ctx.step, self.ctx.epoch = self.step, self.epoch
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch + 1, self.batch_in_epoch)
@@ -286,8 +290,12 @@ class Trainer:
             if lock:
                 lock.release()
 
+    def wall_time(self) -> float:
+        """Seconds of this run so far, summed over every session (a resumed run continues the count)."""
+        return self.wall_time_before + time.monotonic() - self._t_fit
+
     def _fit(self) -> dict:
-        t_start = time.monotonic()
+        self._t_fit = time.monotonic()
         self._last_save = time.monotonic()
         if self.main:
             write_run_info(self.run_dir)
@@ -340,7 +348,7 @@ class Trainer:
         if self.best_step < 0:  # no validation happened (e.g. max_steps inside the first epoch)
             self._validate()
             self.save("last.pt")
-        return self._finish(t_start)
+        return self._finish()
 
     def _epoch_unfinished(self) -> bool:
         return self.batch_in_epoch < self.steps_per_epoch and self.step < self.total_steps
@@ -378,12 +386,12 @@ class Trainer:
         if improved:
             self.save("best.pt")
 
-    def _finish(self, t_start: float) -> dict:
+    def _finish(self) -> dict:
         best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
         self.encoder.load_state_dict(best["model"])
         test, embeddings = self.evaluate_unseen(with_embeddings=True)
         grids = self.write_grids(embeddings) if self.main else []
-        wall_time = time.monotonic() - t_start
+        wall_time = self.wall_time()
         keys = table_keys(self.cfg.data.metrics, self.cfg.eval, DEFAULT_METRICS)
         total, trainable = self.encoder.num_parameters()
         result = {
