@@ -82,7 +82,7 @@ class TrainStep(nn.Module):
 
     def encode_views(self, batch: dict) -> dict:
         """Encode every view the losses need; views of one domain share one forward pass."""
-        encoder = self._compiled[0] or self.encoder
+        encoder = self.encoder if self._compiled[0] is None else self._compiled[0]
         by_domain: dict[str, list[str]] = {}
         for view in self.views:
             by_domain.setdefault("sketch" if view.startswith("sketch") else "photo", []).append(view)
