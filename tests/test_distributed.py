@@ -39,6 +39,8 @@ def test_launch_env_reads_slurm_variables_and_torchrun_wins_inside_slurm():
     assert launch.master_port == 20000 + 123456 % 20000
     torchrun = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     assert launch_env({**slurm, **torchrun}).launcher == "torchrun"
+    # Inside an srun step the step's task count is the world (the allocation may hold more tasks).
+    assert launch_env({**slurm, "SLURM_STEP_NUM_TASKS": "4"}).world_size == 4
 
 
 def test_single_process_launches_have_no_process_group():

@@ -2,8 +2,8 @@
 
 `init_distributed(cfg)` starts the process group from the launcher's environment:
 `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or SLURM `srun` /
-submitit (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first host of
-SLURM_JOB_NODELIST). NCCL when the run uses GPUs (one per process: cuda:LOCAL_RANK),
+submitit (SLURM_PROCID, SLURM_STEP_NUM_TASKS or SLURM_NTASKS, SLURM_LOCALID; the master is
+the first host of SLURM_JOB_NODELIST). NCCL when the run uses GPUs (one per process: cuda:LOCAL_RANK),
 gloo on CPU. A single process (no launcher) runs without a process group.
 """
 from __future__ import annotations
@@ -123,8 +123,9 @@ def launch_env(env: dict | None = None) -> LaunchEnv | None:
                                         "or set MASTER_ADDR and MASTER_PORT")
         return LaunchEnv(_int_env(env, "RANK"), world, int(env.get("LOCAL_RANK", 0)), env["MASTER_ADDR"],
                          _int_env(env, "MASTER_PORT"), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        world = _int_env(env, "SLURM_NTASKS")
+    tasks_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"  # the srun step's, when set
+    if "SLURM_PROCID" in env and tasks_key in env:
+        world = _int_env(env, tasks_key)
         if world <= 1:
             return None
         addr = env.get("MASTER_ADDR") or slurm_first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
