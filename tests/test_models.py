@@ -19,8 +19,14 @@ NUM_CLASSES = 7
 
 
 def model_cfg(name: str, *overrides: str):
-    """The model node as a run composes it, with command-line style overrides."""
-    return OmegaConf.merge(OmegaConf.load(CONFIGS / f"{name}.yaml"), OmegaConf.from_dotlist(list(overrides)))
+    """The model node as a run composes it (`model=<name>`), with command-line style overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from zsbir._paths import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}", *(f"model.{o}" for o in overrides)])
+    return cfg.model
 
 
 def tiny(name: str, size: int = 32, *overrides: str) -> Encoder:
@@ -293,7 +299,7 @@ def test_clip_text_embeddings_are_cached_frozen_and_clean_names():
 
 
 def test_clip_real_size_trainable_counts():
-    encoder = build_encoder(model_cfg("clip_prompt", "pretrained=null"), NUM_CLASSES)
+    encoder = build_encoder(model_cfg("clip_prompt", "pretrained=null", "image_size=224"), NUM_CLASSES)
     total, trainable = encoder.num_parameters()
     prompts = 2 * 3 * 768
     layer_norms = 2 * 768 * (2 + 2 * 12)  # ln_pre, ln_post, ln_1 and ln_2 of 12 blocks

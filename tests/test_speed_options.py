@@ -62,7 +62,7 @@ def test_channels_last_gives_the_same_gradients(compose_cfg, tmp_path):
 
 def test_compiled_training_writes_checkpoints_that_load_without_compile(compose_cfg, tmp_path):
     # The eager backend exercises the compile wrapper in seconds; inductor is the same wrapper.
-    result = run(compose_cfg(*SMOKE, "trainer.compile=eager"), str(tmp_path / "run"))
+    result = run(compose_cfg(*SMOKE, "trainer.compile=true", "trainer.compile_backend=eager"), str(tmp_path / "run"))
     assert result["steps"] == 2
     state = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
     assert not [k for k in state if "_orig_mod" in k]

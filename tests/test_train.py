@@ -65,6 +65,7 @@ def test_rerun_in_the_same_directory_resumes(compose_cfg, tmp_path, caplog):
     assert "resumed from" in caplog.text and "at step 3" in caplog.text
     assert second["steps"] == 6
     assert second["test_before_training"] == first["test_before_training"]  # kept, not recomputed
+    assert second["wall_time_s"] > first["wall_time_s"]  # the wall time counts every session
     steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -20,8 +20,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
 def build(name: str, *overrides: str):
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / f"{name}.yaml"), OmegaConf.from_dotlist(list(overrides)))
-    return build_encoder(cfg, 5)
+    from hydra import compose, initialize_config_dir
+
+    from zsbir._paths import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}", *(f"model.{o}" for o in overrides)])
+    return build_encoder(cfg.model, 5)
 
 
 def write(state: dict, tmp_path: Path, form: str) -> Path:

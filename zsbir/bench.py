@@ -69,7 +69,7 @@ def add_train_parser(commands) -> None:
         "train", help="time the training step (speed options vs plain fp32) and the data loader",
         description="Arguments are key=value: model=a,b (backbones, comma-separated; required), "
                     "batch_size=N, image_size=N, steps=N, warmup=N, loader_batches=N, device=cpu|cuda, "
-                    "compile=true|false|<backend>; any other key=value is a training-config override "
+                    "compile=true|false; any other key=value is a training-config override "
                     "(e.g. data=sketchy data.num_workers=8 data.gpu_augment=true).")
     p.add_argument("settings", nargs="+", metavar="key=value")
     p.set_defaults(run=bench_train)

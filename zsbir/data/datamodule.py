@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from zsbir.data.filelist import DatasetError, FileList, check_labels, read_class_file, read_filelist
+from zsbir.data.filelist import (DatasetError, FileList, build_filelist_from_folders, check_labels, find_missing,
+                                 read_class_file, read_filelist)
+from zsbir.data.imagecache import CachedImages
 from zsbir.data.pairs import EpochBatchSampler, ImageListDataset, TripletDataset, seed_worker
 from zsbir.data.transforms import build_transform
 
@@ -34,6 +36,7 @@ class SplitData:
     val_photo: FileList  # seen-class gallery for validation (a subset of train photos)
     zero_sketch: FileList  # unseen-class queries
     zero_photo: FileList  # unseen-class gallery
+    pixels: CachedImages | None = None  # the pre-resized image cache (data.image_cache), if any
 
     def counts(self) -> dict[str, int]:
         return {
@@ -59,49 +62,149 @@ def _subset(filelist: FileList, keep: np.ndarray, source: str) -> FileList:
     return FileList([filelist.paths[i] for i in keep], [filelist.labels[i] for i in keep], source, lines)
 
 
-def load_split(data_cfg, seed: int = 0) -> SplitData:
+LIST_KEYS = ("train_sketch", "train_photo", "val_sketch", "zero_sketch", "zero_photo")
+UNREADABLE_RECORD = "zsbir_unreadable.txt"  # written into the split folder by `prepare verify=true`
+
+
+def domain_of(key: str) -> str:
+    return "sketch" if "sketch" in key else "photo"
+
+
+def prepare_command(data_cfg, root: Path) -> str:
+    return f"python -m zsbir.data.prepare data={data_cfg.name} data.root={root}"
+
+
+def split_folder(data_cfg) -> tuple[Path, Path]:
+    """(dataset root, split folder); a missing split folder is an error that names the prepare command."""
     root = dataset_root(data_cfg)
     split = root / str(data_cfg.split_dir)
     if not split.is_dir():
         raise DatasetError(
-            f"dataset split folder not found: {split}. Prepare the dataset with "
-            f"`python -m zsbir.data.prepare data={data_cfg.name}` or point paths.data_dir at it "
-            "(environment variable ZSBIR_DATA)"
+            f"dataset split folder not found: {split}. Prepare the dataset with `{prepare_command(data_cfg, root)}`, "
+            "or point paths.data_dir at the folder that holds it (environment variable ZSBIR_DATA)"
         )
+    return root, split
+
+
+def read_lists(data_cfg, root: Path, split: Path) -> tuple[list[str], list[str], dict[str, FileList]]:
+    """Seen and unseen class names and every configured list, exactly as on disk.
+
+    A train list that is not public (`data.folders` names its image folder, e.g. TU-Berlin
+    photos) is built from the seen-class folders when its file is absent, in memory on every
+    run (one directory listing per class); `prepare` writes it once into the split folder.
+    """
     seen = read_class_file(split / "cname_cid.txt")
     unseen = read_class_file(split / "cname_cid_zero.txt")
-    lists = data_cfg.lists
+    folders = data_cfg.get("folders") or {}
+    lists: dict[str, FileList] = {}
+    for key in LIST_KEYS:
+        name = data_cfg.lists.get(key)
+        if not name:
+            continue
+        classes, class_file = (unseen, "cname_cid_zero.txt") if key.startswith("zero") else (seen, "cname_cid.txt")
+        path = split / str(name)
+        if not path.is_file() and key in folders:
+            lists[key] = build_filelist_from_folders(
+                root, str(folders[key]), classes, list(data_cfg.folder_extensions),
+                fix=f"Prepare the dataset with `{prepare_command(data_cfg, root)}`")
+            log.info("%s: %s is absent (the list is not public): built it from the seen-class folders %s/<class>/ (%d images)",
+                     key, name, root / str(folders[key]), len(lists[key]))
+        else:
+            lists[key] = read_filelist(path)
+        check_labels(lists[key], len(classes), class_file)
+    return seen, unseen, lists
 
-    def read(key: str, classes: list[str], class_file: str) -> FileList:
-        filelist = read_filelist(split / str(lists[key]))
-        check_labels(filelist, len(classes), class_file)
-        return filelist
 
-    train_sketch = read("train_sketch", seen, "cname_cid.txt")
-    train_photo = read("train_photo", seen, "cname_cid.txt")
-    zero_sketch = read("zero_sketch", unseen, "cname_cid_zero.txt")
-    zero_photo = read("zero_photo", unseen, "cname_cid_zero.txt")
+def read_unreadable_record(split: Path) -> set[str]:
+    record = split / UNREADABLE_RECORD
+    if not record.is_file():
+        return set()
+    return {line.rstrip("\r\n") for line in record.open(encoding="utf-8") if line.strip()}
+
+
+def drop_unavailable(lists: dict[str, FileList], root: Path, split: Path, data_cfg,
+                     pixels: CachedImages | None = None) -> dict[str, FileList]:
+    """Find listed images that a run could not read.
+
+    Without an image cache: files that are missing, or recorded unreadable by `prepare
+    verify=true`. With `data.image_cache`: images absent from the cache (no file access).
+    `data.strict=true`: one DatasetError with how many, the first few paths and the fix.
+    `data.strict=false`: drop them, with one warning per list giving the count.
+    """
+    bad = {}
+    if pixels is not None:
+        for key, filelist in lists.items():
+            rows = pixels.rows.get(domain_of(key), {})
+            bad[key] = [i for i, p in enumerate(filelist.paths) if p not in rows]
+        what, fix = f"absent from the image cache {pixels.folder}", (
+            f"Rebuild the cache with `{prepare_command(data_cfg, root)} cache=true`")
+    else:
+        unreadable = read_unreadable_record(split)
+        listings: dict[str, set[str]] = {}
+        for key, filelist in lists.items():
+            missing = set(find_missing(root, filelist, listings))
+            missing |= {i for i, p in enumerate(filelist.paths) if p in unreadable}
+            bad[key] = sorted(missing)
+        what = "missing or unreadable" + (f" (see {split / UNREADABLE_RECORD})" if unreadable else "")
+        fix = f"Prepare the dataset with `{prepare_command(data_cfg, root)}`"
+    bad = {k: v for k, v in bad.items() if v}
+    if not bad:
+        return lists
+    if data_cfg.get("strict", True):
+        total = sum(len(v) for v in bad.values())
+        first = [str(root / lists[k].paths[i]) for k, idx in bad.items() for i in idx[:5]][:5]
+        per_list = ", ".join(f"{k}: {len(v)}" for k, v in bad.items())
+        raise DatasetError(
+            f"{total} listed image{'s are' if total != 1 else ' is'} {what} in dataset '{data_cfg.name}' ({per_list}); "
+            f"first: {first}. "
+            f"{fix}, or set data.strict=false to skip them"
+        )
+    out = dict(lists)
+    for key, idx in bad.items():
+        keep = np.setdiff1d(np.arange(len(lists[key])), idx)
+        out[key] = _subset(lists[key], keep, lists[key].source)
+        log.warning("data.strict=false: skipping %d of %d %s images that are %s (%s)",
+                    len(idx), len(lists[key]), key, what, lists[key].source)
+    return out
+
+
+def load_split(data_cfg, seed: int = 0) -> SplitData:
+    """Read, verify and split a dataset: every check happens here, before any DataLoader exists.
+
+    Counts are compared with `data.counts` on the lists as read (before dropping, holding
+    out or capping anything); `data.max_per_class` (debug runs) skips that comparison.
+    """
+    root, split = split_folder(data_cfg)
+    seen, unseen, lists = read_lists(data_cfg, root, split)
+    cap = data_cfg.get("max_per_class")
+    if cap:
+        log.info("data.max_per_class=%d: using at most %d items per class of every list; counts not checked", cap, cap)
+    else:
+        _check_counts(str(data_cfg.name), root, {"seen_classes": len(seen), "unseen_classes": len(unseen),
+                                                 **{k: len(v) for k, v in lists.items()}}, data_cfg.get("counts"))
+    pixels = CachedImages(str(data_cfg.image_cache)) if data_cfg.get("image_cache") else None
+    lists = drop_unavailable(lists, root, split, data_cfg, pixels)
+    train_sketch = lists["train_sketch"]
     rng = np.random.default_rng(seed)
-    if lists.get("val_sketch"):
-        val_sketch = read("val_sketch", seen, "cname_cid.txt")
+    if "val_sketch" in lists:
+        val_sketch = lists["val_sketch"]
     else:  # no public seen-class validation list: hold out part of the training sketches
         n_val = max(1, int(len(train_sketch) * float(data_cfg.val_fraction)))
         held = rng.permutation(len(train_sketch))
         val_sketch = _subset(train_sketch, held[:n_val], f"{train_sketch.source} (held out {n_val})")
         train_sketch = _subset(train_sketch, held[n_val:], train_sketch.source)
         log.info("no seen-class validation list: holding out %d training sketches for model selection", n_val)
+    train_photo = lists["train_photo"]
     gallery_size = min(len(train_photo), int(data_cfg.val_gallery_size))
     val_photo = _subset(train_photo, rng.permutation(len(train_photo))[:gallery_size],
                         f"{train_photo.source} (validation gallery of {gallery_size})")
     data = SplitData(str(data_cfg.name), root, seen, unseen, train_sketch, train_photo, val_sketch, val_photo,
-                     zero_sketch, zero_photo)
-    cap = data_cfg.get("max_per_class")
+                     lists["zero_sketch"], lists["zero_photo"], pixels)
     if cap:
         for key in ("train_sketch", "train_photo", "val_sketch", "val_photo", "zero_sketch", "zero_photo"):
             setattr(data, key, cap_per_class(getattr(data, key), int(cap), seed))
-        log.info("data.max_per_class=%d: using at most %d items per class of every list", cap, cap)
-    else:
-        _check_counts(data, data_cfg.get("counts"))
+    if pixels is not None:
+        log.info("reading pre-resized images (%d px) from the image cache %s", pixels.size, pixels.folder)
     return data
 
 
@@ -113,16 +216,15 @@ def cap_per_class(filelist: FileList, cap: int, seed: int) -> FileList:
     return _subset(filelist, np.concatenate(keep), filelist.source)
 
 
-def _check_counts(data: SplitData, expected) -> None:
+def _check_counts(name: str, root: Path, actual: dict[str, int], expected) -> None:
     if not expected:
         return
-    actual = data.counts()
     wrong = {k: (int(v), actual[k]) for k, v in expected.items() if v is not None and k in actual and actual[k] != int(v)}
     if wrong:
         detail = ", ".join(f"{k}: expected {e}, found {a}" for k, (e, a) in wrong.items())
         raise DatasetError(
-            f"dataset '{data.name}' at {data.root} has unexpected counts ({detail}); the download is "
-            f"incomplete or the lists were edited. Re-run `python -m zsbir.data.prepare data={data.name}`"
+            f"dataset '{name}' at {root} has unexpected counts ({detail}); the download is incomplete or the "
+            f"lists were edited. Re-run `python -m zsbir.data.prepare data={name} data.root={root}`"
         )
 
 
@@ -144,7 +246,7 @@ def _generator(seed: int) -> torch.Generator:
 def train_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], seed: int,
                  rank: int = 0, world_size: int = 1) -> DataLoader:
     dataset = TripletDataset(data.root, data.train_sketch, data.train_photo, transforms_for(data_cfg, norm, train=True),
-                             views=views, seed=seed, cache_images=bool(data_cfg.get("cache_images")))
+                             views=views, seed=seed, cache_images=bool(data_cfg.get("cache_images")), pixels=data.pixels)
     balanced = data_cfg.get("balanced") or {}
     sampler = EpochBatchSampler(data.train_sketch.labels, int(data_cfg.batch_size), seed=seed, rank=rank,
                                 world_size=world_size, classes_per_batch=balanced.get("classes_per_batch"),
@@ -157,7 +259,8 @@ def train_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], s
 
 def eval_loader(data: SplitData, filelist: FileList, domain: str, data_cfg, norm: str) -> DataLoader:
     transform = build_transform(domain, int(data_cfg.image_size), norm, train=False)
-    dataset = ImageListDataset(data.root, filelist, transform, cache_images=bool(data_cfg.get("cache_images")))
+    dataset = ImageListDataset(data.root, filelist, transform, cache_images=bool(data_cfg.get("cache_images")),
+                               domain=domain, pixels=data.pixels)
     workers = int(data_cfg.num_workers)
     return DataLoader(dataset, batch_size=int(data_cfg.eval_batch_size), shuffle=False, num_workers=workers,
                       generator=_generator(0), pin_memory=torch.cuda.is_available())

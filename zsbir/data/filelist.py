@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from zsbir.errors import ZsbirError
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def parse_line(line: str, where: str) -> tuple[str, int]:
 def read_filelist(path: str | Path) -> FileList:
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"file list not found: {path}")
+        raise DatasetError(
+            f"file list not found: {path}. Check data.root, data.split_dir and data.lists, or prepare the "
+            "dataset again (an incomplete download lacks some lists)"
+        )
     paths, labels, lines = [], [], []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -82,3 +86,55 @@ def check_labels(filelist: FileList, num_classes: int, class_file: str) -> None:
             f"{filelist.source}: {len(bad)} labels outside 0..{num_classes - 1} of {class_file} "
             f"(first: {bad[0]}); was the list paired with the wrong class file?"
         )
+
+
+def build_filelist_from_folders(root: Path, folder: str, classes: list[str], extensions: list[str],
+                                fix: str) -> FileList:
+    """A file list of every image in `<root>/<folder>/<class name>/`, labelled by class index.
+
+    For train lists that are not public (TU-Berlin photos, QuickDraw sketches and photos).
+    Order is deterministic: classes in id order, file names sorted. A missing or empty class
+    folder is an error in any mode: the benchmark's class set would silently change.
+    """
+    base = Path(root) / folder
+    wanted = {e.lower().lstrip(".") for e in extensions}
+    paths, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        class_dir = base / name
+        try:
+            names = sorted(entry.name for entry in os.scandir(class_dir)
+                           if entry.is_file() and entry.name.rsplit(".", 1)[-1].lower() in wanted)
+        except FileNotFoundError:
+            names = []
+        if not names:
+            empty.append(str(class_dir))
+            continue
+        paths += [f"{folder}/{name}/{file}" for file in names]
+        labels += [label] * len(names)
+    if empty:
+        raise DatasetError(
+            f"cannot build a train list from {base}: {len(empty)} of {len(classes)} seen-class folders are missing "
+            f"or hold no {'/'.join(sorted(wanted))} images (first: {', '.join(empty[:3])}). {fix}"
+        )
+    return FileList(paths, labels, f"built from folders {base}/<class>/")
+
+
+def find_missing(root: Path, filelist: FileList, listings: dict[str, set[str]] | None = None) -> list[int]:
+    """Indices of items whose file does not exist under `root`.
+
+    One directory listing per folder instead of one stat per file: a few hundred listings
+    cover the half-million files of QuickDraw, also on network file systems. Pass the same
+    `listings` dict for several lists to share them.
+    """
+    listings = {} if listings is None else listings
+    missing = []
+    for index, rel in enumerate(filelist.paths):
+        folder, _, name = rel.rpartition("/")
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(Path(root) / folder))
+            except (FileNotFoundError, NotADirectoryError):
+                listings[folder] = set()
+        if name not in listings[folder]:
+            missing.append(index)
+    return missing

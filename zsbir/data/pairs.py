@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from zsbir.data.filelist import DatasetError, FileList
+from zsbir.data.imagecache import CachedImages
 
 VIEWS = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2")
 
@@ -31,8 +32,9 @@ def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
     except (OSError, UnidentifiedImageError, ValueError) as err:
         line = filelist.line_numbers[index] if filelist.line_numbers else "?"
         raise DatasetError(
-            f"cannot read image {path} (listed in {filelist.source}, line {line}): {err}. "
-            "Re-extract the dataset, or set data.strict=false to skip unreadable files"
+            f"cannot read image {path} (listed in {filelist.source}, line {line}): {err}. Re-extract the dataset, "
+            "or find every unreadable file with `python -m zsbir.data.prepare data=<name> verify=true`; "
+            "data.strict=false then skips them"
         ) from err
 
 
@@ -42,13 +44,16 @@ def item_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
 
 
 class ImageCache:
-    """Decoded images kept in memory (per process) when `enabled`; for small datasets."""
+    """Where images come from: the pre-resized cache when given (`data.image_cache`), else the
+    files, decoded ones kept in memory (per process) when `enabled` (small datasets only)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, pixels: CachedImages | None = None):
+        self.enabled, self.pixels = enabled, pixels
         self.images: dict[tuple[str, int], Image.Image] = {}
 
-    def get(self, root: Path, filelist: FileList, index: int) -> Image.Image:
+    def get(self, root: Path, filelist: FileList, index: int, domain: str) -> Image.Image:
+        if self.pixels is not None:
+            return self.pixels.image(domain, filelist.paths[index])
         if not self.enabled:
             return load_image(root, filelist, index)
         key = (filelist.source, index)
@@ -60,15 +65,18 @@ class ImageCache:
 class ImageListDataset(Dataset):
     """One file list (a query or gallery set) for embedding: returns (image, label, index)."""
 
-    def __init__(self, root: Path, filelist: FileList, transform: Callable, cache_images: bool = False):
-        self.root, self.filelist, self.transform = Path(root), filelist, transform
-        self.cache = ImageCache(cache_images)
+    def __init__(self, root: Path, filelist: FileList, transform: Callable, cache_images: bool = False,
+                 domain: str | None = None, pixels: CachedImages | None = None):
+        if pixels is not None and domain not in ("sketch", "photo"):
+            raise ValueError(f"reading from an image cache needs domain='sketch' or 'photo', got {domain!r}")
+        self.root, self.filelist, self.transform, self.domain = Path(root), filelist, transform, domain
+        self.cache = ImageCache(cache_images, pixels)
 
     def __len__(self) -> int:
         return len(self.filelist)
 
     def __getitem__(self, index: int):
-        image = self.cache.get(self.root, self.filelist, index)
+        image = self.cache.get(self.root, self.filelist, index, self.domain)
         return self.transform(image), self.filelist.labels[index], index
 
 
@@ -77,13 +85,13 @@ class TripletDataset(Dataset):
 
     def __init__(self, root: Path, sketches: FileList, photos: FileList, transforms: dict[str, Callable],
                  views: tuple[str, ...] = ("sketch", "photo_pos", "photo_neg"), seed: int = 0,
-                 cache_images: bool = False):
+                 cache_images: bool = False, pixels: CachedImages | None = None):
         unknown = set(views) - set(VIEWS)
         if unknown:
             raise ValueError(f"unknown views {sorted(unknown)}; known: {VIEWS}")
         self.root, self.sketches, self.photos = Path(root), sketches, photos
         self.transforms, self.views, self.seed = transforms, tuple(views), seed
-        self.cache = ImageCache(cache_images)
+        self.cache = ImageCache(cache_images, pixels)
         labels = np.asarray(photos.labels)
         self.photos_by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
         self.photo_classes = np.array(sorted(self.photos_by_class))
@@ -104,7 +112,9 @@ class TripletDataset(Dataset):
         others = self.photo_classes[self.photo_classes != label]
         neg_label = int(rng.choice(others))
         neg = int(rng.choice(self.photos_by_class[neg_label]))
-        item = {"label": label, "neg_label": neg_label, "index": index}
+        # pos_index / neg_index: the photos' indices in the training photo list (PuXIM caches
+        # its per-photo patch masks under them)
+        item = {"label": label, "neg_label": neg_label, "index": index, "pos_index": pos, "neg_index": neg}
         sources = {
             "sketch": (self.sketches, index, "sketch"),
             "sketch_v2": (self.sketches, index, "sketch"),
@@ -117,7 +127,7 @@ class TripletDataset(Dataset):
             filelist, i, domain = sources[view]
             cache_key = (id(filelist), i)
             if cache_key not in loaded:
-                loaded[cache_key] = self.cache.get(self.root, filelist, i)
+                loaded[cache_key] = self.cache.get(self.root, filelist, i, domain)
             # Augmentations draw from torch's global generator: fork it so the main process's
             # stream is untouched and this view's randomness depends only on (seed, epoch, index).
             with torch.random.fork_rng(devices=[]):

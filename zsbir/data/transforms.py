@@ -75,18 +75,28 @@ def build_transform(domain: str, image_size: int, norm: str, augment: str = "non
     if norm not in NORMALIZATION:
         raise ValueError(f"model.norm must be one of {sorted(NORMALIZATION)}, got {norm!r}")
     mean, std = NORMALIZATION[norm]
-    ops: list = [T.Lambda(_to_rgb)]
-    if domain == "sketch":
-        ops.append(PadToSquare(WHITE))
-    elif photo_pad:
-        ops.append(PadToSquare(None))
-    ops.append(T.Resize((image_size, image_size), antialias=True))
+    ops = square_resize_ops(domain, image_size, photo_pad)
     if uint8:
         return T.Compose([*ops, T.PILToTensor()])
     if train:
         ops += _augmentations(augment, image_size, domain)
     ops += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(ops)
+
+
+def square_resize_ops(domain: str, size: int, photo_pad: bool = True) -> list:
+    """The deterministic prefix of every transform: RGB, padded to a square, resized to `size`.
+
+    The pre-resized image cache (zsbir/data/imagecache.py) stores exactly this output, so a
+    cached image goes through the same remaining steps as a decoded one.
+    """
+    ops: list = [T.Lambda(_to_rgb)]
+    if domain == "sketch":
+        ops.append(PadToSquare(WHITE))
+    elif photo_pad:
+        ops.append(PadToSquare(None))
+    ops.append(T.Resize((size, size), antialias=True))
+    return ops
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

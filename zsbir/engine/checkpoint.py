@@ -1,37 +1,94 @@
 """Crash-safe checkpoints: written to a temporary file in the same folder, then renamed.
 
 A crash in the middle of a write leaves the previous file intact: `os.replace` is atomic
-on POSIX file systems, and the temporary file is removed on failure. Checkpoints are read
-with `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
+on POSIX file systems, the temporary file is removed on failure, and one left behind by a
+killed process is removed by `remove_stale_temporaries` when the run resumes. Checkpoints
+are read with `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
 """
 from __future__ import annotations
 
-from zsbir.errors import ZsbirError
-
+import errno
+import fcntl
+import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
+
+from zsbir.errors import ZsbirError
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ZsbirError):
     """A checkpoint cannot be used; the message says why and what to do."""
 
 
+class RunDirectoryBusyError(ZsbirError):
+    """Another process is training in the same run directory."""
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make the rename itself durable (survives a power loss), where the OS allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind `err`: torch.save reports a failed write (disk full) as a RuntimeError."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def save_atomic(state: dict, path: str | os.PathLike) -> None:
+    """Write `state` to `path` so that a reader sees either the old or the new file, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temporary_name(path)
     try:
+        # os.open with 0o666 honours the umask (tempfile.mkstemp would make the file private).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        os_error = _os_error_in(err)
+        if os_error is None:
+            raise
+        hint = " The disk is full: free space or move the run." if os_error.errno == errno.ENOSPC else ""
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {os_error}.{hint} The previous {path.name}, if any, is unchanged"
+        ) from err
+    _fsync_directory(path.parent)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary checkpoint files left by a process killed in the middle of a write."""
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished checkpoint write(s) of a killed run: %s", len(stale), [p.name for p in stale])
+    return stale
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -45,3 +102,43 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"cannot load checkpoint {path}: {err}. It may be truncated or not a zsbir checkpoint; "
             "delete it to start over, or pass another one"
         ) from err
+
+
+class RunDirectoryLock:
+    """An exclusive lock on a run directory, held while a process trains in it.
+
+    A requeued job that starts while the old one is still saving, or the same command
+    launched twice, would otherwise interleave two trainings in one `last.pt`. The lock is
+    an advisory `flock` on `<run dir>/.lock`; the kernel releases it when the process dies,
+    so a killed run never leaves a stale lock. File systems without flock support skip it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirectoryBusyError(
+                f"another process (pid {holder}) is training in {self.path.parent}. Wait for it to finish "
+                "(re-running the same command afterwards resumes from last.pt), stop it, or pass another "
+                "hydra.run.dir"
+            ) from None
+        except OSError as err:  # e.g. ENOLCK on a network file system without lock support
+            os.close(fd)
+            log.warning("cannot lock %s (%s): not protected against a second process using it", self.path, err)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

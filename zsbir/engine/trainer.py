@@ -8,8 +8,6 @@ Re-running in the same run directory resumes from `last.pt`.
 """
 from __future__ import annotations
 
-from zsbir.errors import ZsbirError
-
 import json
 import logging
 import math
@@ -22,14 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from zsbir.config import validate_config
 from zsbir.data.datamodule import eval_loader, load_split, train_loader
 from zsbir.data.gpu_augment import GPUAugment
+from zsbir.data.pairs import item_seed
 from zsbir.engine import distributed as dist
-from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from zsbir.engine.checkpoint import (CheckpointError, RunDirectoryLock, load_checkpoint, remove_stale_temporaries,
+                                     save_atomic)
+from zsbir.engine.preemption import PreemptionHandler
 from zsbir.engine.optim import build_optimizer, build_scheduler
 from zsbir.engine.runinfo import write_run_info
 from zsbir.engine.seed import rng_state, seed_everything, set_rng_state
-from zsbir.eval.retrieval import evaluate, format_table
+from zsbir.errors import ConfigError, ZsbirError
+from zsbir.eval.retrieval import evaluate, evaluate_with_embeddings, format_table, table_keys
+from zsbir.eval.visualize import write_retrieval_grids
 from zsbir.losses.base import LossContext, build_loss_set
 from zsbir.models.encoder import build_encoder
 from zsbir.tracking import build_tracker
@@ -37,6 +41,7 @@ from zsbir.tracking import build_tracker
 log = logging.getLogger("zsbir.train")
 
 CHECKPOINT_FORMAT = 1
+LOADER_SEED_STREAM = 998  # item_seed stream of the train loader's generator (the sampler uses 999)
 DEFAULT_METRICS = ["map_all", "prec_100", "map_200", "prec_200"]
 
 
@@ -49,7 +54,7 @@ def pick_device(requested: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+        raise ConfigError(f"trainer.device={requested} but no CUDA device is available; use trainer.device=auto or cpu")
     return device
 
 
@@ -101,6 +106,7 @@ class TrainStep(nn.Module):
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg = cfg
+        validate_config(cfg)  # before any work: a typo must not cost a dataset load or an epoch
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tcfg = cfg.trainer
@@ -138,14 +144,22 @@ class Trainer:
         self.metrics_before: dict | None = None
         self.nonfinite_steps = 0
         self.resume_state: dict = {}
-        self._maybe_resume()
-        self.train_module = self._wrap_for_training()
-        self.tracker = build_tracker(cfg.get("logger"), cfg, self.run_dir, self.resume_state.get("tracker")) if self.main else None
+        self.wall_time_before = 0.0  # seconds spent in earlier sessions of this run (resumes)
+        self._t_fit = time.monotonic()
+        self.saved_step = -1  # the step of the newest last.pt (-1: none yet)
         self.ctx = LossContext(step=self.step, total_steps=self.total_steps, epoch=self.epoch, encoder=self.encoder,
                                steps_per_epoch=self.steps_per_epoch,
                                extras={"class_names": self.data.seen_classes,
                                        "split_dir": self.data.root / str(cfg.data.split_dir),
                                        "synthetic": bool(cfg.data.get("synthetic"))})
+        # Before resuming (and before any work: a term may reject the config), so that a resumed
+        # run starts the terms exactly as the first run did (same weights, same RNG draws), and
+        # their saved state then overrides what this built.
+        self.loss_set.on_train_start(self.ctx, self.data.seen_classes)
+        self._maybe_resume()
+        self.train_module = self._wrap_for_training()
+        self.tracker = build_tracker(cfg.get("logger"), cfg, self.run_dir, self.resume_state.get("tracker")) if self.main else None
+        self.preemption = PreemptionHandler()
 
     # ------------------------------------------------------------------ speed options
     def _apply_model_options(self) -> None:
@@ -163,11 +177,8 @@ class Trainer:
 
     def _wrap_for_training(self) -> nn.Module:
         """The module a training step calls: encoder + losses, optionally compiled, DDP-wrapped under a process group."""
-        option = self.cfg.trainer.get("compile") or False
-        compiled = None
-        if option:
-            backend = "inductor" if option is True else str(option)
-            compiled = torch.compile(self.encoder, backend=backend)
+        tcfg = self.cfg.trainer
+        compiled = torch.compile(self.encoder, backend=str(tcfg.compile_backend)) if tcfg.get("compile") else None
         module = TrainStep(self.encoder, self.loss_set, self.views, compiled)
         if dist.world_size() == 1:
             return module
@@ -204,6 +215,7 @@ class Trainer:
         return {
             "model": OmegaConf.to_container(self.cfg.model, resolve=True),
             "loss_terms": sorted(self.loss_set.terms),
+            "dataset": self.data.name,
             "seen_classes": len(self.data.seen_classes),
         }
 
@@ -211,6 +223,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self._fingerprint(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
             "model": self.encoder.state_dict(),
             "losses": self.loss_set.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -224,21 +237,23 @@ class Trainer:
             "metrics_before": self.metrics_before,
             "nonfinite_steps": self.nonfinite_steps,
             "rng": rng_state(),
+            "wall_time_s": self.wall_time(),
             "tracker": self.tracker.state_dict() if self.tracker else {},
         }
 
     def save(self, name: str) -> None:
         if self.main:
             save_atomic(self.state_dict(), self.run_dir / name)
-        self._last_save = time.monotonic()
+        if name == "last.pt":
+            self._last_save, self.saved_step = time.monotonic(), self.step
 
     def check_fingerprint(self, state: dict, path: Path) -> None:
         theirs, ours = state.get("fingerprint", {}), self._fingerprint()
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} has checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
-        diffs = [k for k in ours if theirs.get(k) != ours[k]]
+        diffs = _changed_keys({k: theirs.get(k) for k in ours}, ours, before="checkpoint ", after="config ")
         if diffs:
-            detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours[k]!r}" for k in diffs)
+            detail = "; ".join(diffs)
             raise CheckpointError(
                 f"{path} was written by a different model or config ({detail}). Use the same config to "
                 "resume, or start a new run directory (hydra.run.dir=...)"
@@ -258,14 +273,27 @@ class Trainer:
         for key in ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "metrics_before", "nonfinite_steps"):
             setattr(self, key, state[key])
         set_rng_state(state["rng"])
-        self.resume_state = state
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+        self.wall_time_before = float(state.get("wall_time_s", 0.0))
+        self.resume_state, self.saved_step = state, self.step
+        self.ctx.step, self.ctx.epoch = self.step, self.epoch
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch + 1, self.batch_in_epoch)
+        changed = _changed_keys(state.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True))
+        if changed:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_unseen(self) -> dict:
+    def evaluate_unseen(self, with_embeddings: bool = False):
+        """Unseen-class metrics; with `with_embeddings`, (metrics, Embeddings)."""
         queries = eval_loader(self.data, self.data.zero_sketch, "sketch", self.cfg.data, self.encoder.norm)
         gallery = eval_loader(self.data, self.data.zero_photo, "photo", self.cfg.data, self.encoder.norm)
-        return evaluate(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp)
+        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp)
+        return (metrics, embeddings) if with_embeddings else metrics
+
+    def write_grids(self, embeddings) -> list[Path]:
+        """Retrieval grids of the unseen-class test queries into <run_dir>/grids (eval.grids)."""
+        grids = self.cfg.eval.get("grids") or {}
+        return write_retrieval_grids(embeddings, self.data.root, self.data.zero_sketch, self.data.zero_photo,
+                                     self.data.unseen_classes, self.run_dir / "grids", **grids)
 
     def validate_seen(self) -> dict:
         queries = eval_loader(self.data, self.data.val_sketch, "sketch", self.cfg.data, self.encoder.norm)
@@ -294,52 +322,83 @@ class Trainer:
             total, terms = self.forward_step(batch)
         if not dist.all_ranks_true(bool(torch.isfinite(total))):  # every rank skips together, or none does
             bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-            if not self.cfg.trainer.skip_nonfinite:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {self.step} (epoch {self.epoch}): terms {bad or ['total']} = "
-                    f"{ {k: float(v) for k, v in terms.items()} }. The last good checkpoint is {self.run_dir / 'last.pt'}. "
-                    "Lower optim.lr, enable trainer.grad_clip, or set trainer.skip_nonfinite=true to skip such steps"
-                )
-            self.nonfinite_steps += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            log.warning("skipping step %d: non-finite loss terms %s (%d skipped so far)", self.step, bad, self.nonfinite_steps)
-            return {"skipped": 1.0}
+            where = "total (weighted sum)" if not torch.isfinite(total) else "on another rank"
+            return self._nonfinite(f"non-finite loss (terms {bad or [where]})", terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = None
         if self.cfg.trainer.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, float(self.cfg.trainer.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(self.cfg.trainer.grad_clip))
+        elif not self.scaler.is_enabled():
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # fp16's GradScaler skips steps with inf gradients itself; elsewhere one would poison the weights
+        # (and every later last.pt) although the loss was finite.
+        if grad_norm is not None and not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
+            return self._nonfinite(f"non-finite gradient norm {float(grad_norm)} from a finite loss", terms)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return {"loss": total.detach(), **{f"loss/{k}": v.detach() for k, v in terms.items()}}
+
+    def _nonfinite(self, problem: str, terms: dict) -> dict:
+        """Stop with NonFiniteLossError, or (trainer.skip_nonfinite) drop this step's update and count it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f"step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1})"
+        if not self.cfg.trainer.skip_nonfinite:
+            last = (f"{self.run_dir / 'last.pt'} (step {self.saved_step}) is kept unchanged" if self.saved_step >= 0
+                    else "no last.pt was written before it")
+            raise NonFiniteLossError(
+                f"{problem} at {where}; loss terms {_term_values(terms)}. The last good checkpoint {last}. "
+                "Lower optim.lr, enable trainer.grad_clip, or set trainer.skip_nonfinite=true to skip such steps"
+            )
+        self.nonfinite_steps += 1
+        log.warning("skipping %s: %s; loss terms %s (%d skipped so far)", where, problem, _term_values(terms),
+                    self.nonfinite_steps)
+        return {"skipped": 1.0}
 
     def encode_views(self, batch: dict) -> dict:
         """Encode every view the losses need (see TrainStep.encode_views)."""
         return TrainStep(self.encoder, self.loss_set, self.views).encode_views(batch)
 
     def fit(self) -> dict:
-        t_start = time.monotonic()
+        lock = RunDirectoryLock(self.run_dir) if self.main else None
+        if lock:
+            lock.acquire()
+            remove_stale_temporaries(self.run_dir)
+        try:
+            with self.preemption:
+                return self._fit()
+        finally:
+            if lock:
+                lock.release()
+
+    def wall_time(self) -> float:
+        """Seconds of this run so far, summed over every session (a resumed run continues the count)."""
+        return self.wall_time_before + time.monotonic() - self._t_fit
+
+    def _fit(self) -> dict:
+        self._t_fit = time.monotonic()
         self._last_save = time.monotonic()
         if self.main:
             write_run_info(self.run_dir)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
         self._log_start()
-        self.loss_set.on_train_start(self.ctx, self.data.seen_classes)  # before any work: may reject the config
         if self.metrics_before is None and self.cfg.eval.before_training:
             self.metrics_before = self.evaluate_unseen()
             log.info("unseen-class mAP@all before training: %.4f", self.metrics_before["map_all"])
+            self._stop_if_requested()
         tcfg = self.cfg.trainer
         max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            # Each epoch's loader seed depends on the epoch only, as in a run that was never resumed.
+            self.train_loader.generator.manual_seed(item_seed(int(self.cfg.seed), self.epoch, 0, LOADER_SEED_STREAM))
             bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{max_epochs}",
                        disable=not (self.main and tcfg.progress_bar), dynamic_ncols=True, leave=False)
             t_log, images_since = time.monotonic(), 0
-            for batch in self.train_loader:
-                if self.batch_in_epoch >= self.steps_per_epoch or self.step >= self.total_steps:
-                    break
+            for batch in self.train_loader if self._epoch_unfinished() else ():
                 logs = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -359,6 +418,9 @@ class Trainer:
                     t_log, images_since = time.monotonic(), 0
                 if self._checkpoint_due():
                     self.save("last.pt")
+                self._stop_if_requested()
+                if not self._epoch_unfinished():
+                    break  # before the loader reads a batch this epoch will not use
             bar.close()
             if self.batch_in_epoch >= self.steps_per_epoch:
                 self.epoch += 1
@@ -366,10 +428,28 @@ class Trainer:
                 if self.epoch % int(tcfg.val_every_epochs) == 0 or self.step >= self.total_steps:
                     self._validate()
                 self.save("last.pt")
+                self._stop_if_requested()
         if self.best_step < 0:  # no validation happened (e.g. max_steps inside the first epoch)
             self._validate()
             self.save("last.pt")
-        return self._finish(t_start)
+        return self._finish()
+
+    def _epoch_unfinished(self) -> bool:
+        return self.batch_in_epoch < self.steps_per_epoch and self.step < self.total_steps
+
+    def _stop_if_requested(self) -> None:
+        """After a preemption signal (on any rank): save last.pt and stop (PreemptedError)."""
+        stop = self.preemption.received is not None
+        if dist.is_initialized():  # every rank must stop at the same step
+            flag = torch.tensor([float(stop)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if not stop:
+            return
+        if self.saved_step != self.step:
+            self.save("last.pt")
+        self.preemption.stop(f"at step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}); "
+                             f"saved {self.run_dir / 'last.pt'}")
 
     def _checkpoint_due(self) -> bool:
         tcfg = self.cfg.trainer
@@ -390,13 +470,14 @@ class Trainer:
         if improved:
             self.save("best.pt")
 
-    def _finish(self, t_start: float) -> dict:
+    def _finish(self) -> dict:
         dist.barrier()  # rank 0 has finished writing best.pt before any rank reads it
         best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
         self.encoder.load_state_dict(best["model"])
-        test = self.evaluate_unseen()
-        wall_time = time.monotonic() - t_start
-        keys = list(dict.fromkeys([*self.cfg.data.metrics, *DEFAULT_METRICS]))
+        test, embeddings = self.evaluate_unseen(with_embeddings=True)
+        grids = self.write_grids(embeddings) if self.main else []
+        wall_time = self.wall_time()
+        keys = table_keys(self.cfg.data.metrics, self.cfg.eval, DEFAULT_METRICS)
         total, trainable = self.encoder.num_parameters()
         result = {
             "method": self.cfg.get("method"),
@@ -418,6 +499,7 @@ class Trainer:
             "params_trainable": trainable,
             "world_size": dist.world_size(),
             "wall_time_s": round(wall_time, 2),
+            "retrieval_grids": [str(p.relative_to(self.run_dir)) for p in grids],
         }
         rows = {"untrained network": self.metrics_before} if self.metrics_before else {}
         rows[f"trained (best.pt, step {self.best_step})"] = test
@@ -429,5 +511,24 @@ class Trainer:
             log.info("\n%s\nqueries: %d, gallery: %d; wall time %.1f s; run directory %s", table, result["n_queries"],
                      result["n_gallery"], wall_time, self.run_dir)
             self.tracker.summary({f"test/{k}": v for k, v in test.items()})
+            if grids:
+                self.tracker.log_images("retrieval_grids", grids, self.step)
             self.tracker.finish()
         return result
+
+
+def _term_values(terms: dict) -> str:
+    return "{" + ", ".join(f"{name}: {float(value.detach()):.4g}" for name, value in terms.items()) + "}"
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "", before: str = "", after: str = "") -> list[str]:
+    """`key: <before>old -> <after>new` for every dotted key whose value differs between two plain dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, path + ".", before, after)
+        elif a != b:
+            changed.append(f"{path}: {before}{a!r} -> {after}{b!r}")
+    return changed

@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from zsbir.errors import MissingWeightsError
+
 PROBE_HOST = ("huggingface.co", 443)
 PROBE_TIMEOUT_S = 1.0
 _TRUE = ("1", "true", "yes", "on")
@@ -42,10 +44,6 @@ WEIGHT_FILES = (
     "model.pth",
 )
 _online: bool | None = None
-
-
-class MissingWeightsError(RuntimeError):
-    """Pretrained weights were asked for but cannot be found locally or downloaded."""
 
 
 def _missing(what: str, save_cmd: str, reason: str) -> MissingWeightsError:
@@ -97,12 +95,15 @@ def local_weights_path(pretrained: str | None) -> Path | None:
         found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.pth"))
         if len(found) == 1:
             return found[0]
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"model.pretrained={pretrained} is a folder but holds no single weight file "
             f"(looked for {', '.join(WEIGHT_FILES)}; found {[p.name for p in found]})"
         )
     if os.sep in str(pretrained) or str(pretrained).endswith((".safetensors", ".pth", ".bin", ".pt")):
-        raise FileNotFoundError(f"model.pretrained={pretrained}: no such file or folder")
+        raise MissingWeightsError(
+            f"model.pretrained={pretrained}: no such file or folder. Pass an existing weight file or folder, "
+            "a library tag, or model.pretrained=null for random initialisation"
+        )
     return None
 
 

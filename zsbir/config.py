@@ -1,0 +1,389 @@
+"""Config schemas: the composed config is checked before any work starts.
+
+Hydra already refuses unknown keys in command-line overrides; these schemas also catch
+what it lets through: typos in config files and presets, values of the wrong type, values
+outside their allowed choices or range, and metric names the evaluator does not produce.
+Every problem is reported at once, each naming the key, the bad value and what is expected.
+
+Groups with fixed keys (`trainer`, `eval`, `sched`, `paths`, `logger`, the keys every
+dataset shares in `data`) have a dataclass schema below; a new option is added to its
+schema together with the code that reads it. Groups that are instantiated from a
+`_target_` (`model`, `optim`, every `loss` term) are checked against the target's
+constructor signature instead, so their schema is the code itself.
+"""
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+import typing
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from zsbir.data.synthetic import SyntheticSpec
+from zsbir.data.transforms import RECIPES
+from zsbir.engine.optim import SCHEDULES
+from zsbir.errors import ConfigError
+
+
+def option(default: Any = MISSING, *, choices: tuple | None = None, minimum: float | None = None,
+           maximum: float | None = None, pattern: tuple[str, str] | None = None):
+    """A schema field. Without a default the key is required (the code reads it unguarded); a
+    default is what the code assumes when the key is absent. `pattern`: (full-match regex, its
+    meaning in words).
+    """
+    return field(default=default, metadata={"choices": choices, "minimum": minimum, "maximum": maximum,
+                                            "pattern": pattern})
+
+
+@dataclass(kw_only=True)
+class TrainerSchema:
+    device: str = option(pattern=(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:<index>"))
+    precision: str = option(choices=("bf16", "fp16", "fp32"))
+    max_epochs: int = option(minimum=1)
+    max_steps: Optional[int] = option(None, minimum=1)
+    limit_train_batches: Optional[int] = option(None, minimum=1)
+    grad_clip: Optional[float] = option(minimum=0)
+    log_every: int = option(minimum=1)
+    val_every_epochs: int = option(minimum=1)
+    select_metric: str = option()
+    ckpt_every_s: Optional[float] = option(None, minimum=0)
+    ckpt_every_steps: Optional[int] = option(None, minimum=1)
+    resume: bool = option()
+    skip_nonfinite: bool = option()
+    progress_bar: bool = option()
+    # scale (docs/distributed.md): launch, DDP and speed options
+    distributed: str = option("auto", choices=("auto", "off"))
+    dist_timeout_s: float = option(1800, minimum=1)
+    ddp_find_unused_parameters: bool = option(False)
+    sync_bn: bool = option(False)
+    channels_last: bool = option(False)
+    fused_optimizer: bool = option(True)
+    compile: bool = option(False)
+    compile_backend: str = option("inductor")
+    grad_checkpointing: bool = option(False)
+
+
+@dataclass(kw_only=True)
+class BinarySchema:
+    enabled: bool = option(False)
+    bits: int = option(64, minimum=1)
+    fit_on: str = option("gallery", choices=("gallery", "queries", "all"))
+    iterations: int = option(50, minimum=1)
+    seed: int = option(0, minimum=0)
+
+
+@dataclass(kw_only=True)
+class GridsSchema:
+    queries: int = option(8, minimum=0)
+    top_k: int = option(10, minimum=1)
+    seed: int = option(0, minimum=0)
+    tile: int = option(96, minimum=8)
+
+
+@dataclass(kw_only=True)
+class EvalSchema:
+    protocol: str = option(choices=("voc", "plain"))
+    map_at: List[int] = option()
+    prec_at: List[int] = option()
+    per_class: bool = option()
+    chunk_size: Optional[int] = option(None, minimum=1)
+    before_training: bool = option()
+    binary: Optional[BinarySchema] = option(None)
+    grids: Optional[GridsSchema] = option(None)
+
+
+@dataclass(kw_only=True)
+class SchedSchema:
+    name: str = option(choices=SCHEDULES)
+    warmup_steps: int = option(0, minimum=0)
+    warmup_fraction: float = option(0.0, minimum=0, maximum=1)
+    min_lr_ratio: float = option(0.0, minimum=0, maximum=1)
+    final_ratio: float = option(1e-3, minimum=0)
+
+
+@dataclass(kw_only=True)
+class PathsSchema:
+    data_dir: str = option()
+    cache_dir: str = option()
+    output_dir: str = option()
+
+
+@dataclass(kw_only=True)
+class LoggerSchema:
+    name: str = option(choices=("none", "wandb"))
+    # logger=wandb (zsbir/tracking_wandb.py)
+    project: Optional[str] = option(None)
+    entity: Optional[str] = option(None)
+    group: Optional[str] = option(None)
+    tags: Optional[List[str]] = option(None)
+    job_type: Optional[str] = option(None)
+    mode: Optional[str] = option(None, choices=("online", "offline", "disabled"))
+    run_name: Optional[str] = option(None)
+    init_timeout_s: float = option(90, minimum=0)
+
+
+@dataclass(kw_only=True)
+class ListsSchema:
+    """File-list names inside the split folder; null where a dataset has no such list."""
+
+    train_sketch: Optional[str] = option()
+    train_photo: Optional[str] = option()
+    val_sketch: Optional[str] = option(None)
+    zero_sketch: str = option()
+    zero_photo: str = option()
+
+
+@dataclass(kw_only=True)
+class BalancedSchema:
+    classes_per_batch: int = option(minimum=1)
+    items_per_class: int = option(minimum=1)
+
+
+@dataclass(kw_only=True)
+class DataSchema:
+    """Keys every dataset config shares (zsbir/data/datamodule.py reads them)."""
+
+    name: str = option()
+    root: Optional[str] = option(None)
+    cache_dir: Optional[str] = option(None)
+    split_dir: str = option()
+    synthetic: Optional[SyntheticSpec] = option(None)
+    lists: ListsSchema = option()
+    counts: Optional[Dict[str, Optional[int]]] = option(None)
+    metrics: List[str] = option()
+    image_size: int = option(minimum=1)
+    augment: str = option(choices=RECIPES)
+    batch_size: int = option(minimum=1)
+    eval_batch_size: int = option(minimum=1)
+    num_workers: int = option(minimum=0)
+    cache_images: bool = option(False)
+    val_fraction: float = option(0.1, minimum=0, maximum=1)
+    val_gallery_size: int = option(minimum=1)
+    max_per_class: Optional[int] = option(None, minimum=1)
+    balanced: Optional[BalancedSchema] = option(None)
+    folders: Optional[Dict[str, str]] = option(None)  # list key -> image folder, for built train lists
+    folder_extensions: Optional[List[str]] = option(None)
+    image_cache: Optional[str] = option(None)
+    gpu_augment: bool = option(False)  # augmentation and normalisation on the training device
+    strict: bool = option(True)
+    download: Optional[Dict[str, Any]] = option(None)
+
+
+@dataclass(kw_only=True)
+class RootSchema:
+    method: Optional[str] = option(None)
+    seed: int = option(0, minimum=0)
+    deterministic: bool = option(False)
+
+
+# group -> schema; the groups in INSTANTIATED are checked against their `_target_` instead.
+GROUP_SCHEMAS = {"trainer": TrainerSchema, "eval": EvalSchema, "sched": SchedSchema, "paths": PathsSchema,
+                 "logger": LoggerSchema, "data": DataSchema}
+# group -> (keys the builder removes before instantiating, arguments the builder passes itself)
+INSTANTIATED = {"model": ({"name"}, {"num_classes"}), "optim": ({"name"}, {"params"})}
+LOSS_TERM_KEYS = ({"weight"}, set())
+HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+TOP_LEVEL = set(GROUP_SCHEMAS) | set(INSTANTIATED) | {"loss"} | {f.name for f in dataclasses.fields(RootSchema)}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem of the composed config (no-op for a valid one)."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve config key {err.full_key}: {err.msg}") from None
+    values.pop("hydra", None)
+    problems = check_fields(values, RootSchema, "", allow=TOP_LEVEL - {f.name for f in dataclasses.fields(RootSchema)})
+    for group, schema in GROUP_SCHEMAS.items():
+        problems += _check_group(values, group, lambda node, g=group, s=schema: check_fields(node, s, g))
+    for group, (reserved, injected) in INSTANTIATED.items():
+        problems += _check_group(values, group, lambda node, g=group, r=reserved, i=injected: check_target(node, g, r, i))
+    problems += _check_loss(values.get("loss"))
+    problems += _check_across_groups(values)
+    if problems:
+        listing = "; ".join(problems)
+        raise ConfigError(
+            f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in the config: {listing}. "
+            "Fix them on the command line (key=value) or in the config file that sets them"
+        )
+
+
+def _check_group(values: dict, group: str, check) -> list[str]:
+    node = values.get(group)
+    if node is None:
+        return [f"config group '{group}' is missing: select one, e.g. {group}=<option>"]
+    if not isinstance(node, dict):
+        return [f"{group}={node!r}: expected a config group (a mapping)"]
+    return check(node)
+
+
+def check_fields(node: dict, schema: type, path: str, allow: set[str] = frozenset()) -> list[str]:
+    """Problems of `node` against the dataclass `schema`; keys in `allow` are checked elsewhere."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    problems = [_unknown_key(key, path, set(fields) | allow) for key in node if key not in fields and key not in allow]
+    for name, spec in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name not in node:
+            if spec.default is MISSING and spec.default_factory is MISSING:
+                problems.append(f"{key} is missing ({_describe(hints[name])})")
+            continue
+        value, nested = node[name], _dataclass_in(hints[name])
+        if nested is not None and isinstance(value, dict):
+            problems += check_fields(value, nested, key)
+            continue
+        converted, ok = _convert(schema, name, value)
+        if not ok:
+            problems.append(f"{key}={_show(value)}: expected {_describe(hints[name])}")
+        elif converted is not None:
+            problems += _check_constraints(converted, spec.metadata, key)
+    return problems
+
+
+def _convert(schema: type, name: str, value: Any) -> tuple[Any, bool]:
+    """The value as the schema's type (OmegaConf's conversion rules), and whether it converts."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), {name: value})
+    except OmegaConfBaseException:
+        return None, False
+    return OmegaConf.to_container(merged)[name], True
+
+
+def _check_constraints(value: Any, metadata, key: str) -> list[str]:
+    choices, pattern = metadata.get("choices"), metadata.get("pattern")
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    if choices and value not in choices:
+        return [f"{key}={_show(value)}: must be one of {'|'.join(choices)}"]
+    if pattern and not re.fullmatch(pattern[0], str(value)):
+        return [f"{key}={_show(value)}: must be {pattern[1]}"]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if low is not None and value < low:
+            return [f"{key}={_show(value)}: must be >= {low}"]
+        if high is not None and value > high:
+            return [f"{key}={_show(value)}: must be <= {high}"]
+    return []
+
+
+def check_target(node: dict, path: str, reserved: set[str], injected: set[str]) -> list[str]:
+    """Problems of an instantiated group: an importable `_target_` whose constructor takes these keys."""
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return [f"{path}._target_ is missing: name the class to build, e.g. {path}._target_=package.module.Class"]
+    try:
+        built = import_target(target)
+    except (ImportError, AttributeError) as err:
+        return [f"{path}._target_={target!r} cannot be imported ({err})"]
+    try:
+        params = inspect.signature(built).parameters
+    except (TypeError, ValueError):  # builtins without a signature: nothing more to check
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    accepted = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    problems = [_unknown_key(key, path, accepted, f" of {target}") for key in node
+                if key not in accepted and key not in reserved and key not in HYDRA_KEYS]
+    required = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in injected]
+    problems += [f"{path}.{n} is missing: {target} requires it" for n in required if n not in node]
+    return problems
+
+
+def _check_loss(loss: Any) -> list[str]:
+    if not loss:
+        return ["the loss set is empty: select at least one term, e.g. loss=[triplet]"]
+    if not isinstance(loss, dict):
+        return [f"loss={loss!r}: expected a mapping of term name -> {{_target_, weight, ...}}"]
+    reserved, injected = LOSS_TERM_KEYS
+    problems = []
+    for name, term in loss.items():
+        path = f"loss.{name}"
+        if not isinstance(term, dict):
+            problems.append(f"{path}={_show(term)}: expected a loss term ({{_target_, weight, ...}})")
+            continue
+        weight = term.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            problems.append(f"{path}.weight={_show(weight)}: expected a number (the term's weight in the total loss)")
+        problems += check_target(term, path, reserved, injected)
+    return problems
+
+
+def metric_names(eval_cfg: dict) -> list[str]:
+    """The metric keys the evaluator reports for this `eval` config."""
+    return (["map_all"] + [f"map_{k}" for k in eval_cfg.get("map_at") or []]
+            + [f"prec_{k}" for k in eval_cfg.get("prec_at") or []])
+
+
+def _check_across_groups(values: dict) -> list[str]:
+    """Rules that tie groups together; metric names would otherwise fail only after an epoch."""
+    trainer, data, eval_cfg = (values.get(g) if isinstance(values.get(g), dict) else {} for g in ("trainer", "data", "eval"))
+    problems = []
+    if data and not data.get("synthetic") and not data.get("root"):
+        problems.append("data.root is null: set data.root=/path/to/the/dataset (or paths.data_dir / ZSBIR_DATA)")
+    if not all(isinstance(k, int) for k in [*(eval_cfg.get("map_at") or []), *(eval_cfg.get("prec_at") or [])]):
+        return problems  # eval.map_at / prec_at themselves are wrong, and reported as such
+    known = metric_names(eval_cfg)
+    hint = f"the evaluator reports {'|'.join(known)} (set by eval.map_at / eval.prec_at)"
+    select = trainer.get("select_metric")
+    if isinstance(select, str) and select not in known:
+        problems.append(f"trainer.select_metric={select!r}: {hint}")
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), list) else []
+    problems += [f"data.metrics contains {m!r}: {hint}" for m in metrics if m not in known]
+    return problems
+
+
+def import_target(dotted: str) -> Any:
+    """The object a `_target_` names: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    missing = None  # the longest prefix that is not a module: the likely typo
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            found = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and (module_name + ".").startswith(err.name + "."):
+                missing = missing or module_name
+                continue  # this prefix is not a module: try a shorter one
+            raise  # the module exists but one of its own imports is missing
+        try:
+            for attribute in parts[cut:]:
+                found = getattr(found, attribute)
+        except AttributeError:
+            if missing:
+                raise ImportError(f"no module named {missing!r}") from None
+            raise
+        return found
+    raise ImportError(f"no module named {missing or parts[0]!r}")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _unknown_key(key: str, path: str, known, where: str = "") -> str:
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    hint = f"did you mean {path + '.' if path else ''}{close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
+    return f"unknown key {full}{where} ({hint})"
+
+
+def _dataclass_in(hint) -> type | None:
+    """The dataclass in `hint` (`X` or `Optional[X]`), if any."""
+    candidates = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if origin in (list, List):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin in (dict, Dict):
+        return "a mapping"
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(hint))}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))

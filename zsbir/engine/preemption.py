@@ -1,0 +1,80 @@
+"""Preemption: SIGTERM / SIGUSR1 make a run save `last.pt` and stop cleanly.
+
+SLURM sends SIGTERM when it preempts or cancels a job (then SIGKILL after `KillWait`,
+30 s by default), and SIGUSR1 ahead of the time limit when the job asks for it
+(`#SBATCH --signal=USR1@120`). While training, the trainer only records the signal in
+the handler; after the current optimisation step it saves `last.pt` and raises
+`PreemptedError`, which the entry point turns into exit code `EXIT_PREEMPTED` (75,
+EX_TEMPFAIL: "try again later"). A job script requeues on that code, and re-running the
+same command in the same run directory resumes:
+
+    srun python -m zsbir.train ... hydra.run.dir=$RUN_DIR
+    [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID
+
+When a launcher had installed its own handler for the signal (submitit does, for its
+checkpoint-and-requeue), that handler is called after `last.pt` is saved instead of
+raising, so the launcher's requeue still happens.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Callable
+
+from zsbir.errors import ZsbirError
+
+log = logging.getLogger("zsbir.train")
+
+EXIT_PREEMPTED = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptedError(ZsbirError):
+    """The run was asked to stop by a signal and saved `last.pt`; re-run the same command to resume."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class PreemptionHandler:
+    """Context manager: while inside, the preemption signals only set `received`.
+
+    Handlers are installed only in the main thread (Python delivers signals there) and
+    the previous ones are restored on exit.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS):
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self.previous: dict[signal.Signals, Callable | int | None] = {}
+
+    def _record(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            log.warning("received %s: finishing the current step, then saving last.pt and stopping",
+                        self.received.name)
+
+    def __enter__(self) -> "PreemptionHandler":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self.previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+    def stop(self, where: str) -> None:
+        """Called once the state is saved: hand over to the launcher's handler, or raise PreemptedError."""
+        sig = self.received  # None on a rank that stops because another rank was signalled
+        previous = self.previous.get(sig) if sig else None
+        self.__exit__()
+        if callable(previous):
+            log.warning("%s: handing over to the previously installed %s handler", where, sig.name)
+            previous(int(sig), None)
+        cause = sig.name if sig else "a signal to another rank"
+        raise PreemptedError(
+            f"stopped by {cause} {where}. Re-run the same command with the same run directory "
+            f"(hydra.run.dir=...) to resume; exit code {EXIT_PREEMPTED} means 'preempted, requeue me'"
+        )

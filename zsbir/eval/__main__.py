@@ -1,0 +1,221 @@
+"""Re-evaluate a training run: `python -m zsbir.eval run_dir=<run dir> [ckpt=best|last|<file>] [data=<dataset>]`.
+
+The run's saved `config.yaml` says how to rebuild its encoder (`build_encoder`, no model
+class is imported here) and which data it was trained on; `data=<dataset>` evaluates on
+another dataset instead, at the run's input size (`image_size=` overrides it). Results go
+to `<run_dir>/eval/<dataset>-<ckpt>/`: `eval_metrics.json`, `results.txt` and `grids/`.
+
+Query and gallery embeddings are cached in `<run_dir>/embeddings/<key>.pt`. The key is a
+SHA-256 of the checkpoint FILE BYTES (any re-saved or retrained checkpoint is a new key)
+and of what the embeddings depend on: dataset root, both file lists (paths and labels, in
+order), input size, normalisation and autocast precision. A stale cache can therefore
+never be reused; an unreadable cache file is recomputed. Hashing streams the file: 0.9 s
+per 256 MiB measured on a loaded 2-core VM, about a second for a ResNet-50 checkpoint with
+its optimizer state, against minutes of embedding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from zsbir._paths import config_dir
+from zsbir.errors import ZsbirError
+
+log = logging.getLogger("zsbir.eval")
+
+CACHE_FORMAT = 1  # bump when the cached tensors or the key's contents change meaning
+
+
+class RunDirError(ZsbirError):
+    """`run_dir` is not a usable training run directory; the message says what is missing."""
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    from zsbir.data.datamodule import eval_loader, load_split
+    from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
+    from zsbir.engine.trainer import DEFAULT_METRICS, amp_dtype, pick_device
+    from zsbir.eval.retrieval import Embeddings, format_table, score_embeddings, table_keys
+    from zsbir.eval.visualize import write_retrieval_grids
+    from zsbir.models.encoder import build_encoder
+
+    if not cfg.get("run_dir"):
+        raise RunDirError("no run directory given: python -m zsbir.eval run_dir=<a training run directory> "
+                          "(the folder a `python -m zsbir.train` run wrote)")
+    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
+    run_cfg = load_run_config(run_dir)
+    ckpt_path, ckpt_label = resolve_checkpoint(run_dir, str(cfg.ckpt))
+    state = load_checkpoint(ckpt_path)
+    check_model_fingerprint(state, run_cfg.model, ckpt_path, run_dir)
+
+    data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data if cfg.get("data") else run_cfg.data, resolve=True))
+    data_cfg.image_size = int(cfg.image_size or run_cfg.data.image_size)
+    data = load_split(data_cfg, seed=int(run_cfg.seed))
+
+    device = pick_device(str(cfg.device))
+    requested = str(cfg.precision or run_cfg.trainer.get("precision", "fp32"))
+    autocast = amp_dtype(requested, device)
+    precision = requested if autocast else "fp32"  # autocast only runs on CUDA
+    model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
+    if "pretrained" in model_cfg:
+        model_cfg["pretrained"] = None  # every weight comes from the checkpoint: no download, no weight file
+    encoder = build_encoder(OmegaConf.create(model_cfg), int(state["fingerprint"]["seen_classes"]))
+    try:
+        encoder.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt_path} does not fit the model of {run_dir / 'config.yaml'}: {err}") from None
+    encoder.to(device)
+
+    checkpoint_sha256 = file_sha256(ckpt_path)
+    key = embedding_cache_key(checkpoint_sha256, data.root, data.zero_sketch, data.zero_photo,
+                              data_cfg.image_size, encoder.norm, precision)
+    cache_path = run_dir / "embeddings" / f"{key}.pt"
+    cached = load_cached_embeddings(cache_path) if cfg.cache else None
+    if cached is not None:
+        embeddings = Embeddings(**cached)
+        log.info("embeddings: reusing %s", cache_path)
+    else:
+        queries = eval_loader(data, data.zero_sketch, "sketch", data_cfg, encoder.norm)
+        gallery = eval_loader(data, data.zero_photo, "photo", data_cfg, encoder.norm)
+        embeddings = embed_split(encoder, queries, gallery, device, autocast)
+        if cfg.cache:
+            save_atomic(embeddings.state_dict(), cache_path)
+            log.info("embeddings: computed and cached in %s", cache_path)
+
+    metrics = score_embeddings(embeddings, cfg.eval, device)
+    out_dir = run_dir / "eval" / f"{data.name}-{ckpt_label}"
+    grids = write_retrieval_grids(embeddings, data.root, data.zero_sketch, data.zero_photo, data.unseen_classes,
+                                  out_dir / "grids", **(cfg.eval.get("grids") or {}))
+    keys = table_keys(data_cfg.metrics, cfg.eval, DEFAULT_METRICS)
+    step = state.get("step")
+    table = format_table({f"{ckpt_label} ({ckpt_path.name}, step {step})": metrics}, keys, str(cfg.eval.protocol))
+    result = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt_path),
+        "checkpoint_sha256": checkpoint_sha256,
+        "step": step,
+        "dataset": data.name,
+        "trained_on": str(run_cfg.data.name),
+        "model": run_cfg.model.get("name"),
+        "image_size": int(data_cfg.image_size),
+        "norm": encoder.norm,
+        "precision": precision,
+        "protocol": str(cfg.eval.protocol),
+        "per_class": bool(cfg.eval.per_class),
+        "metrics_order": keys,
+        "test": metrics,
+        "n_queries": metrics["n_queries"],
+        "n_gallery": metrics["n_gallery"],
+        "embeddings_cache": str(cache_path.relative_to(run_dir)) if cfg.cache else None,
+        "embeddings_reused": cached is not None,
+        "retrieval_grids": [str(p.relative_to(run_dir)) for p in grids],
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "results.txt").write_text(table + "\n")
+    log.info("\n%s\nqueries: %d, gallery: %d; results in %s", table, result["n_queries"], result["n_gallery"], out_dir)
+    return result
+
+
+def embed_split(*args, **kwargs):
+    """`zsbir.eval.retrieval.embed_split` (a module-level name, so tests can count the calls)."""
+    from zsbir.eval.retrieval import embed_split as embed
+
+    return embed(*args, **kwargs)
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise RunDirError(
+            f"{run_dir} is not a training run directory: it has no config.yaml. Pass the folder a "
+            "`python -m zsbir.train` run wrote (it holds config.yaml, best.pt, metrics.json): run_dir=<that folder>"
+        )
+    return OmegaConf.load(config)
+
+
+def resolve_checkpoint(run_dir: Path, ckpt: str) -> tuple[Path, str]:
+    """(checkpoint path, label for output folders): `best`, `last`, or a file (absolute, or relative to cwd or run_dir)."""
+    if ckpt in ("best", "last"):
+        path = run_dir / f"{ckpt}.pt"
+        if not path.is_file():
+            raise RunDirError(f"{path} does not exist: the run has no {ckpt}.pt yet (it may still be training "
+                              "or have crashed before it); pass ckpt=last or ckpt=<checkpoint file>")
+        return path, ckpt
+    path = Path(ckpt).expanduser()
+    for candidate in (path, run_dir / path):
+        if candidate.is_file():
+            return candidate.resolve(), re.sub(r"[^A-Za-z0-9_.-]+", "-", candidate.stem)
+    raise RunDirError(f"checkpoint {ckpt!r} not found (looked at {path.resolve()} and {run_dir / path}); "
+                      "use ckpt=best, ckpt=last or an existing file")
+
+
+def check_model_fingerprint(state: dict, model_cfg, ckpt_path: Path, run_dir: Path) -> None:
+    """The checkpoint must come from the run's model config (the trainer's fingerprint, model part)."""
+    from zsbir.engine.checkpoint import CheckpointError
+    from zsbir.engine.trainer import CHECKPOINT_FORMAT
+
+    if state.get("format") != CHECKPOINT_FORMAT or "fingerprint" not in state or "model" not in state:
+        raise CheckpointError(f"{ckpt_path} is not a zsbir training checkpoint (format {state.get('format')!r}, "
+                              f"expected {CHECKPOINT_FORMAT}); pass a best.pt / last.pt written by zsbir.train")
+    ours = OmegaConf.to_container(model_cfg, resolve=True)
+    theirs = state["fingerprint"].get("model")
+    if theirs != ours:
+        changed = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
+        raise CheckpointError(
+            f"{ckpt_path} was written by a different model than {run_dir / 'config.yaml'} describes "
+            f"(differs in model.{', model.'.join(changed)}); evaluate it with the run directory that wrote it"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def embedding_cache_key(checkpoint_sha256: str, root, query_list, gallery_list, image_size: int, norm: str,
+                        precision: str) -> str:
+    """SHA-256 (first 24 hex digits) of everything the embeddings depend on."""
+    content = {
+        "format": CACHE_FORMAT,
+        "checkpoint_sha256": checkpoint_sha256,
+        "root": str(Path(root).resolve()),
+        "queries": [query_list.paths, query_list.labels],
+        "gallery": [gallery_list.paths, gallery_list.labels],
+        "transform": {"image_size": int(image_size), "norm": norm, "precision": precision},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_cached_embeddings(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated by a crash, or written by another version: recompute
+        log.warning("embedding cache %s is unreadable (%s); recomputing", path, err)
+        return None
+    expected = {"queries", "query_labels", "gallery", "gallery_labels"}
+    return cached if isinstance(cached, dict) and set(cached) == expected else None
+
+
+@hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        result = run_eval(cfg)
+    except ZsbirError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        sys.exit(1)
+    return float(result["test"]["map_all"])
+
+
+if __name__ == "__main__":
+    main()

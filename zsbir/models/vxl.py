@@ -1,0 +1,158 @@
+"""PuXIM's VxL sampler: which photo patches are relevant to the photo's class.
+
+A frozen CLIP ViT-B/16 (open_clip `ViT-B-16` with QuickGELU and the OpenAI weights)
+scores every patch of a photo against the text embedding of its class, the
+CLIP-Surgery-style patch-text similarity:
+
+    relevance(p) = cos( ln_post(z_p) @ W_proj , t_y ),   t_y = text("a photo of a {y}")
+
+where z_p is the last-layer output token of patch p, ln_post and W_proj are the layers
+CLIP applies to its CLS token (so patches land in the joint image-text space), and t_y
+is the text tower's embedding of the class name (`_` and `-` read as spaces). The
+`round((1 - mask_ratio) * patches)` most relevant patches are kept (at least one; ties
+go to the lower patch index), the rest are masked. Everything runs under no-grad; the
+CLIP model is never trained and never saved in checkpoints.
+
+Kept-patch indices can be cached per training photo in a dict the caller owns (the PuXIM
+loss terms keep one per run, and use it only when photos are not randomly augmented: the
+mask of one photo then never changes). One sampler instance is shared by every loss term
+with the same settings (`shared_sampler`), so the CLIP weights are loaded once.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Hashable
+
+import torch
+
+from zsbir.errors import ZsbirError
+from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
+from zsbir.models.encoder import NORMALIZATION
+from zsbir.models.weights import local_weights_path, open_clip_checkpoint
+
+
+class VxLConfigError(ZsbirError):
+    """The VxL sampler's settings cannot work (bad mask ratio, grid that does not fit the encoder)."""
+
+
+def renormalize(images: torch.Tensor, from_norm: str, to_norm: str) -> torch.Tensor:
+    """Images normalised with `from_norm` re-expressed in `to_norm` (keys of NORMALIZATION)."""
+    if from_norm == to_norm:
+        return images
+    (mean_a, std_a), (mean_b, std_b) = NORMALIZATION[from_norm], NORMALIZATION[to_norm]
+
+    def column(values):
+        return torch.tensor(values, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+
+    return (images * column(std_a) + column(mean_a) - column(mean_b)) / column(std_b)
+
+
+def kept_count(n_patches: int, mask_ratio: float) -> int:
+    """How many patches a mask ratio keeps: round((1 - ratio) * n), at least one."""
+    return max(1, int(round((1.0 - mask_ratio) * n_patches)))
+
+
+def most_relevant(relevance: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices (B x n_keep, ascending) of the n_keep highest scores of each row; ties to the lower index."""
+    order = torch.sort(relevance, dim=1, descending=True, stable=True).indices
+    return order[:, :n_keep].sort(dim=1).values
+
+
+class VxLSampler:
+    def __init__(self, arch: str = "ViT-B-16", pretrained: str | None = "openai", image_size: int = 224,
+                 mask_ratio: float = 0.7, text_template: str = "a photo of a {}", tiny: bool = False):
+        import open_clip
+
+        if not 0.0 <= float(mask_ratio) < 1.0:
+            raise VxLConfigError(f"vxl.mask_ratio must be in [0, 1) (the fraction of patches masked), got {mask_ratio}")
+        if tiny:
+            if pretrained is not None and local_weights_path(pretrained) is None:
+                raise VxLConfigError(f"vxl.tiny=true builds a shrunk random CLIP; the tag {pretrained!r} does not fit "
+                                     "it: set vxl.pretrained=null (or a file saved from a tiny model)")
+            _register_tiny_config()
+            arch = TINY_ARCH
+        elif pretrained is None:
+            raise VxLConfigError("vxl.pretrained is null: a random CLIP scores patches at random. Set it to 'openai' "
+                                 "or a local open_clip ViT-B-16 weights file")
+        self.mask_ratio = float(mask_ratio)
+        self.text_template = text_template
+        self.model = open_clip.create_model(arch, pretrained=open_clip_checkpoint(arch, pretrained),
+                                            force_quick_gelu=True, force_image_size=image_size)
+        self.model.eval().requires_grad_(False)
+        visual = self.model.visual
+        if visual.attn_pool is not None or visual.final_ln_after_pool or visual.proj is None:
+            raise VxLConfigError(f"vxl.arch={arch}: the patch-text score needs a CLS-token ViT with ln_post and proj")
+        visual.output_tokens = True
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.grid = tuple(int(n) for n in visual.grid_size)
+        self._text: dict[tuple[str, ...], torch.Tensor] = {}
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n_keep(self) -> int:
+        return kept_count(self.n_patches, self.mask_ratio)
+
+    def _device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @torch.no_grad()
+    def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings of the template filled with each class name."""
+        key = tuple(class_names)
+        if key not in self._text:
+            texts = [self.text_template.format(n.replace("_", " ").replace("-", " ")) for n in class_names]
+            self._text[key] = self.model.encode_text(self.tokenizer(texts).to(self._device()), normalize=True)
+        return self._text[key]
+
+    @torch.no_grad()
+    def relevance(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine of every patch (ln_post + proj) with its image's text embedding: B x patches.
+
+        `images` are CLIP-normalised; `text` holds one L2-normalised embedding per image.
+        """
+        visual = self.model.visual
+        _, tokens = visual(images.to(self._device(), visual.conv1.weight.dtype))
+        patches = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1)
+        return torch.einsum("bpd,bd->bp", patches.float(), text.float().to(patches.device))
+
+    @torch.no_grad()
+    def keep_index(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                   photo_ids: list[Hashable] | None = None,
+                   cache: dict[Hashable, torch.Tensor] | None = None) -> torch.Tensor:
+        """Indices (B x n_keep, ascending) of the patches to keep; computed for cache misses only.
+
+        `images` are CLIP-normalised. With `photo_ids` (one key per image that names it
+        uniquely, e.g. its index in the training photo list) and a `cache` dict, results
+        are looked up in and stored into `cache` under those keys.
+        """
+        self.model.to(images.device)
+        if photo_ids is None or cache is None:
+            text = self.text_embeddings(class_names)[labels.to(self._device())]
+            return most_relevant(self.relevance(images, text), self.n_keep).to(images.device)
+        ids = list(photo_ids)
+        missing = [row for row, photo in enumerate(ids) if photo not in cache]
+        if missing:
+            rows = torch.tensor(missing, device=images.device)
+            text = self.text_embeddings(class_names)[labels.to(self._device())[rows.to(self._device())]]
+            fresh = most_relevant(self.relevance(images[rows], text), self.n_keep).cpu()
+            for row, kept in zip(missing, fresh):
+                cache[ids[row]] = kept
+        return torch.stack([cache[photo] for photo in ids]).to(images.device)
+
+    def check_grid(self, encoder_grid: tuple[int, int]) -> None:
+        if tuple(encoder_grid) != self.grid:
+            raise VxLConfigError(
+                f"the VxL CLIP sees a {self.grid[0]}x{self.grid[1]} patch grid but the encoder a "
+                f"{encoder_grid[0]}x{encoder_grid[1]} one, so a mask cannot be carried over. Use the same patch size "
+                "and input size for both (ViT-B/16 at 224 px: 14x14 for both; vxl.image_size follows data.image_size)"
+            )
+
+
+@functools.lru_cache(maxsize=4)
+def shared_sampler(arch: str, pretrained: str | None, image_size: int, mask_ratio: float, text_template: str,
+                   tiny: bool) -> VxLSampler:
+    """One sampler per distinct setting, shared by the loss terms that use it."""
+    return VxLSampler(arch, pretrained, image_size, mask_ratio, text_template, tiny)
