@@ -103,23 +103,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(tmp_path: Path, zsbir_cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m zsbir.train ...` on CPU; fails the test with its output if it fails."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ZSBIR_CACHE": str(zsbir_cache),
+           "TMPDIR": str(scratch)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "zsbir.train", *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert not list(scratch.glob("zsbir-rank*"))  # rank 1's Hydra scratch folder is removed
+    return proc
+
+
 def test_two_process_training_matches_single_process_evaluation(tmp_path, zsbir_cache, compose_cfg):
     from zsbir.engine.checkpoint import load_checkpoint
     from zsbir.engine.trainer import Trainer
 
-    outputs, scratch = tmp_path / "outputs", tmp_path / "scratch"
-    scratch.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ZSBIR_CACHE": str(zsbir_cache),
-           "TMPDIR": str(scratch)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "zsbir.train", f"paths.output_dir={outputs}", *DIST_OVERRIDES]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    outputs = tmp_path / "outputs"
+    torchrun(tmp_path, zsbir_cache, f"paths.output_dir={outputs}", *DIST_OVERRIDES)
 
     run_dirs = [p for p in (outputs / "runs" / "synthetic" / "triplet_baseline").iterdir()]
     assert len(run_dirs) == 1, run_dirs  # rank 1 trained in rank 0's directory
     assert [p.parent for p in outputs.rglob("metrics.json")] == run_dirs
-    assert not list(scratch.glob("zsbir-rank*"))  # rank 1's Hydra scratch folder is removed
     metrics = json.loads((run_dirs[0] / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["n_queries"] == 45 and metrics["n_gallery"] == 45  # every item once, padding dropped
@@ -132,3 +139,17 @@ def test_two_process_training_matches_single_process_evaluation(tmp_path, zsbir_
     again = single.evaluate_unseen()
     for key, value in metrics["test"].items():
         assert again[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.slow  # two 2-process runs: ~40 s
+def test_two_process_run_resumes_on_every_rank(tmp_path, zsbir_cache):
+    run_dir = tmp_path / "run"
+    common = [f"hydra.run.dir={run_dir}", *DIST_OVERRIDES[:-2], "trainer.limit_train_batches=2"]
+    torchrun(tmp_path, zsbir_cache, *common, "trainer.max_epochs=1")
+    proc = torchrun(tmp_path, zsbir_cache, *common, "trainer.max_epochs=2")
+    assert "resumed from" in proc.stdout + proc.stderr and "at step 2" in proc.stdout + proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["world_size"] == 2
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]  # rank 0 logged each step once, continuing after the resume
