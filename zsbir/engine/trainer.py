@@ -402,7 +402,7 @@ class Trainer:
                 logs = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
-                images_since += len(batch["label"]) * len(self.views)
+                images_since += len(batch["label"]) * len(self.views) * dist.world_size()  # the whole job's
                 bar.update(1)
                 if self.step % int(tcfg.log_every) == 0 or self.step == self.total_steps:
                     elapsed = max(1e-9, time.monotonic() - t_log)
