@@ -153,3 +153,14 @@ def test_two_process_run_resumes_on_every_rank(tmp_path, zsbir_cache):
     steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]  # rank 0 logged each step once, continuing after the resume
+
+
+@pytest.mark.slow  # ~15 s per preset
+@pytest.mark.parametrize("experiment", ["dann", "sake", "dsn", "sketch_lvm", "puxim"])
+def test_every_method_preset_trains_under_two_processes(tmp_path, zsbir_cache, experiment):
+    # Loss terms with parameters (domain classifier), memories, cross-rank contrastive gathers
+    # and frozen towers all go through the one DDP-wrapped TrainStep.
+    run_dir = tmp_path / "run"
+    torchrun(tmp_path, zsbir_cache, f"experiment={experiment}", "debug=smoke", f"hydra.run.dir={run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6 and metrics["nonfinite_steps"] == 0

@@ -147,7 +147,7 @@ def test_gpu_augment_on_cuda_matches_cpu_draws():
 
 
 @needs_cuda
-def test_sync_bn_speed_options_on_cuda(compose_cfg, tmp_path):
+def test_bf16_channels_last_step_on_cuda(compose_cfg, tmp_path):
     trainer = Trainer(compose_cfg(*SMOKE, "trainer.device=cuda", "trainer.channels_last=true",
                                   "trainer.precision=bf16"), tmp_path / "run")
     assert torch.isfinite(trainer.train_step(first_batch(trainer))["loss"])
