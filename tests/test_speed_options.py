@@ -70,7 +70,7 @@ def test_compiled_training_writes_checkpoints_that_load_without_compile(compose_
     plain.load_state_dict(state)  # strict: every key matches the uncompiled model
 
 
-@pytest.mark.parametrize("model", ["clip_prompt", "small_cnn"])
+@pytest.mark.parametrize("model", ["clip_prompt", "puxim", "small_cnn"])
 def test_gradient_checkpointing_gives_the_same_gradients(compose_cfg, tmp_path, model):
     plain = Trainer(compose_cfg(*SMOKE, f"model={model}"), tmp_path / "plain")
     checkpointed = Trainer(compose_cfg(*SMOKE, f"model={model}", "trainer.grad_checkpointing=true"), tmp_path / "ckpt")

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from zsbir.engine import distributed as dist
-
 from zsbir.errors import ZsbirError
 from zsbir.eval.hashing import ITQ, hamming_retrieval_metrics
 from zsbir.eval.metrics import retrieval_metrics
