@@ -205,15 +205,13 @@ def test_puxim_losses_need_the_puxim_encoder(compose_cfg, tmp_path):
     from zsbir.engine.trainer import Trainer
 
     cfg = compose_cfg("data=synthetic", "debug=smoke", "loss=[triplet,puxim_match]", "trainer.device=cpu")
-    trainer = Trainer(cfg, tmp_path / "run")
-    with pytest.raises(LossConfigError, match="use model=puxim"):
-        trainer.loss_set.on_train_start(trainer.ctx, trainer.data.seen_classes)
+    with pytest.raises(LossConfigError, match="use model=puxim"):  # before any work: at construction
+        Trainer(cfg, tmp_path / "run")
     random_vxl = compose_cfg(*SMOKE, "loss.puxim_recon.tiny=false", "loss.puxim_recon.vxl.pretrained=null")
     with pytest.raises(VxLConfigError, match="vxl.pretrained is null"):
         Trainer(random_vxl, tmp_path / "run2")
-    other_grid = Trainer(compose_cfg(*SMOKE, "model.image_size=64"), tmp_path / "run3")  # 8x8 patches vs VxL 4x4
-    with pytest.raises(VxLConfigError, match="same patch size and input size"):
-        other_grid.loss_set.on_train_start(other_grid.ctx, other_grid.data.seen_classes)
+    with pytest.raises(VxLConfigError, match="same patch size and input size"):  # 8x8 patches vs VxL 4x4
+        Trainer(compose_cfg(*SMOKE, "model.image_size=64"), tmp_path / "run3")
 
 
 def test_preset_sets_the_papers_settings(compose_cfg):
