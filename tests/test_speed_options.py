@@ -151,3 +151,13 @@ def test_bf16_channels_last_step_on_cuda(compose_cfg, tmp_path):
     trainer = Trainer(compose_cfg(*SMOKE, "trainer.device=cuda", "trainer.channels_last=true",
                                   "trainer.precision=bf16"), tmp_path / "run")
     assert torch.isfinite(trainer.train_step(first_batch(trainer))["loss"])
+
+
+def test_bench_train_prints_both_variants_the_ratio_and_the_loader(capsys):
+    from zsbir.bench import main
+
+    assert main(["train", "model=small_cnn", "device=cpu", "batch_size=4", "image_size=32", "steps=1", "warmup=1",
+                 "loader_batches=1", "compile=false", "data.max_per_class=4"]) == 0
+    out = capsys.readouterr().out
+    assert "speed options" in out and "plain fp32" in out and "channels_last=True" in out
+    assert "speed-up (speed options / plain fp32):" in out and "data pipeline:" in out and "peak RSS" in out
