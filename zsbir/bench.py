@@ -1,10 +1,16 @@
-"""Benchmarks: `python -m zsbir.bench eval [...]`.
+"""Benchmarks: `python -m zsbir.bench eval [...]` and `python -m zsbir.bench train model=... [...]`.
 
 `eval` times the evaluation engine (`zsbir.eval.metrics.retrieval_metrics`) against the
 papers' approach (`zsbir.eval.reference`) on random features with class structure, in
 the same run, and prints both metric values, their max abs difference, seconds, the
 speed ratio and peak memory. Heavy imports stay inside the functions so that `--help`
 is instant.
+
+`train` measures, for each backbone: the training step's images/s on in-memory data
+(random tensors already on the device, so only the step is timed) with the trainer's
+speed options and, in the same run, as a plain fp32 loop without them, with the ratio;
+the real data loader's images/s; and the peak memory of each. On CPU the models are the
+shrunk random variants (`model.tiny=true`).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m zsbir.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(commands)
+    add_train_parser(commands)
     return parser
 
 
@@ -49,6 +56,163 @@ def add_eval_parser(commands) -> None:
                    help="run the reference on this many random queries only and extrapolate its "
                         "time to all queries (0 = all queries)")
     p.set_defaults(run=bench_eval)
+
+
+# Speed options of the "fast" variant (the trainer's own settings) and of the plain fp32 loop.
+PLAIN_OPTIONS = ["trainer.precision=fp32", "trainer.channels_last=false", "trainer.fused_optimizer=false",
+                 "trainer.compile=false", "trainer.grad_checkpointing=false"]
+CNN_MODELS = ("small_cnn", "resnet50", "cse_resnet50")
+
+
+def add_train_parser(commands) -> None:
+    p = commands.add_parser(
+        "train", help="time the training step (speed options vs plain fp32) and the data loader",
+        description="Arguments are key=value: model=a,b (backbones, comma-separated; required), "
+                    "batch_size=N, image_size=N, steps=N, warmup=N, loader_batches=N, device=cpu|cuda, "
+                    "compile=true|false; any other key=value is a training-config override "
+                    "(e.g. data=sketchy data.num_workers=8 data.gpu_augment=true).")
+    p.add_argument("settings", nargs="+", metavar="key=value")
+    p.set_defaults(run=bench_train)
+
+
+def parse_train_settings(settings: list[str]) -> tuple[dict, list[str]]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    options = {"model": None, "batch_size": 192 if cuda else 16, "image_size": 224 if cuda else 64, "steps": 20 if cuda else 5,
+               "warmup": 5 if cuda else 2, "loader_batches": 20 if cuda else 5, "device": "cuda" if cuda else "cpu",
+               "compile": "true" if cuda else "false"}
+    overrides = []
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise SystemExit(f"bench train: expected key=value, got {setting!r}")
+        if key in options:
+            options[key] = value
+        else:
+            overrides.append(setting)
+    if not options["model"]:
+        raise SystemExit("bench train: give the backbones to time, e.g. model=clip_prompt or model=small_cnn,clip_prompt")
+    for key in ("batch_size", "image_size", "steps", "warmup", "loader_batches"):
+        options[key] = int(options[key])
+    return options, overrides
+
+
+def bench_train(args) -> int:
+    import logging
+
+    options, overrides = parse_train_settings(args.settings)
+    logging.getLogger("zsbir").setLevel(logging.WARNING)
+    print(f"device={options['device']}, batch_size={options['batch_size']}, image_size={options['image_size']}, "
+          f"{options['steps']} timed steps after {options['warmup']} warm-up steps"
+          + (" (CPU: shrunk random models, model.tiny=true)" if options["device"] == "cpu" else ""))
+    for model in options["model"].split(","):
+        report_train_model(model, options, overrides)
+    return 0
+
+
+def report_train_model(model: str, options: dict, overrides: list[str]) -> None:
+    base = [f"model={model}", "model.pretrained=null", f"data.batch_size={options['batch_size']}",
+            f"data.image_size={options['image_size']}", f"trainer.device={options['device']}", *overrides]
+    if options["device"] == "cpu":
+        base.append("model.tiny=true")
+    fast = [*base, f"trainer.compile={options['compile']}",
+            f"trainer.channels_last={'true' if model in CNN_MODELS else 'false'}"]
+    rows = {"speed options": time_train_step(fast, options), "plain fp32": time_train_step([*base, *PLAIN_OPTIONS], options)}
+    loader = time_loader(base, options)
+    print(f"\n{model}")
+    print(f"  {'variant':<16}{'images/s':>12}{'peak memory':>36}   settings")
+    for name, row in rows.items():
+        print(f"  {name:<16}{row['images_per_s']:>12.1f}{row['memory']:>36}   {row['settings']}")
+    ratio = rows["speed options"]["images_per_s"] / rows["plain fp32"]["images_per_s"]
+    print(f"  speed-up (speed options / plain fp32): {ratio:.2f}x")
+    step = rows["speed options"]["images_per_s"]
+    print(f"  data pipeline: {loader['images_per_s']:.1f} images/s ({loader['settings']}): "
+          f"{'faster' if loader['images_per_s'] > step else 'SLOWER'} than the train step ({loader['images_per_s'] / step:.2f}x)")
+
+
+def _compose_train(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from zsbir._paths import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=["trainer.progress_bar=false", "eval.before_training=false", *overrides])
+
+
+def _build_trainer(overrides: list[str]):
+    import tempfile
+
+    from zsbir.engine.trainer import Trainer
+
+    return Trainer(_compose_train(overrides), tempfile.mkdtemp(prefix="zsbir-bench-"))
+
+
+def time_train_step(overrides: list[str], options: dict) -> dict:
+    """Images/s of `Trainer.train_step` on random in-memory batches already on the device."""
+    import gc
+    import time
+
+    import torch
+
+    gc.collect()
+    device = options["device"]
+    baseline = _memory_before(device)
+    trainer = _build_trainer(overrides)
+    batch_size, size = options["batch_size"], options["image_size"]
+    gen = torch.Generator().manual_seed(0)
+    uint8 = trainer.gpu_augment is not None
+    batch = {view: (torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=gen) if uint8
+                    else torch.randn(batch_size, 3, size, size, generator=gen)).to(trainer.device)
+             for view in trainer.views}
+    n_classes = len(trainer.data.seen_classes)
+    batch["label"] = torch.randint(0, n_classes, (batch_size,), generator=gen).to(trainer.device)
+    batch["neg_label"] = (batch["label"] + 1) % n_classes
+    batch["index"] = torch.arange(batch_size, device=trainer.device)
+    for _ in range(options["warmup"]):
+        trainer.train_step(batch)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(options["steps"]):
+        trainer.train_step(batch)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    tcfg = trainer.cfg.trainer
+    amp = "autocast " + str(trainer.amp).removeprefix("torch.") if trainer.amp else "fp32"
+    settings = (f"{amp}, channels_last={tcfg.channels_last}, fused={trainer.optimizer.defaults.get('fused') or False}, "
+                f"compile={tcfg.compile}")
+    images = options["steps"] * batch_size * len(trainer.views)
+    memory = _memory_after(device, baseline)
+    del trainer, batch
+    return {"images_per_s": images / seconds, "memory": memory.split(" (")[0], "settings": settings}
+
+
+def time_loader(overrides: list[str], options: dict) -> dict:
+    """Images/s of the real training DataLoader (decode, pad, resize, augment, collate)."""
+    import time
+
+    trainer = _build_trainer(overrides)
+    data_cfg = trainer.cfg.data
+    trainer.sampler.set_epoch(0)
+    batches = iter(trainer.train_loader)
+    next(batches)  # worker start-up and the first decode are not throughput
+    start, images, count = time.perf_counter(), 0, 0
+    for batch in batches:
+        images += len(batch["label"]) * len(trainer.views)
+        count += 1
+        if count >= options["loader_batches"]:
+            break
+    seconds = time.perf_counter() - start
+    settings = (f"data={data_cfg.name}, num_workers={data_cfg.num_workers}, augment={data_cfg.augment}, "
+                f"gpu_augment={bool(data_cfg.get('gpu_augment'))}, {count} batches")
+    return {"images_per_s": images / max(seconds, 1e-9), "settings": settings}
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def bench_eval(args) -> int:

@@ -55,6 +55,16 @@ class TrainerSchema:
     resume: bool = option()
     skip_nonfinite: bool = option()
     progress_bar: bool = option()
+    # scale (docs/distributed.md): launch, DDP and speed options
+    distributed: str = option("auto", choices=("auto", "off"))
+    dist_timeout_s: float = option(1800, minimum=1)
+    ddp_find_unused_parameters: bool = option(False)
+    sync_bn: bool = option(False)
+    channels_last: bool = option(False)
+    fused_optimizer: bool = option(True)
+    compile: bool = option(False)
+    compile_backend: str = option("inductor")
+    grad_checkpointing: bool = option(False)
 
 
 @dataclass(kw_only=True)
@@ -158,6 +168,7 @@ class DataSchema:
     folders: Optional[Dict[str, str]] = option(None)  # list key -> image folder, for built train lists
     folder_extensions: Optional[List[str]] = option(None)
     image_cache: Optional[str] = option(None)
+    gpu_augment: bool = option(False)  # augmentation and normalisation on the training device
     strict: bool = option(True)
     download: Optional[Dict[str, Any]] = option(None)
 

@@ -4,6 +4,7 @@ Examples:
     python -m zsbir.train                                   # synthetic benchmark, CPU-friendly
     python -m zsbir.train model=clip_prompt data=sketchy
     python -m zsbir.train -m experiment=sake,dsn data=sketchy,tuberlin seed=1,2,3
+    torchrun --nproc_per_node 4 -m zsbir.train model=clip_prompt data=sketchy   # 4 GPUs (docs/distributed.md)
 
 In a sweep (`-m`) one failed job does not stop the others: its error (with traceback) goes
 to the job's `train.log` and to `<job dir>/FAILED`, the sweep goes on, and the process
@@ -12,10 +13,13 @@ configs/hydra/default.yaml). A single run (no `-m`) fails immediately, as before
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -78,6 +82,41 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise
 
 
+def run_distributed(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """`run` inside the process group the launcher describes (a plain `run` for one process).
+
+    Every rank trains in rank 0's run directory; only rank 0 writes there and logs INFO.
+    """
+    from zsbir.engine import distributed as dist
+
+    dist.init_distributed(cfg)
+    try:
+        run_dir = dist.broadcast_from_main(run_dir)
+        if not dist.is_main():
+            logging.getLogger("zsbir").setLevel(logging.WARNING)
+        return run(cfg, run_dir)
+    finally:
+        dist.destroy_distributed()
+
+
+def worker_rank_overrides(argv: list[str]) -> list[str]:
+    """Command line of a rank other than 0: Hydra output goes to a scratch folder, removed at exit.
+
+    Every process of a multi-process launch runs Hydra, which would create a run directory
+    per rank (time-stamped names differ) and write its config and log into it; the run
+    directory is rank 0's (broadcast in `run_distributed`).
+    """
+    from zsbir.engine.distributed import launch_env
+
+    launch = launch_env()
+    if launch is None or launch.rank == 0:
+        return argv
+    scratch = tempfile.mkdtemp(prefix=f"zsbir-rank{launch.rank}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return [*kept, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def record_failure(run_dir: Path, err: BaseException) -> None:
     """Log a failed sweep job and leave `<run_dir>/FAILED` (first line: the error) for the sweep's summary."""
     if isinstance(err, ZsbirError):
@@ -96,7 +135,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        result = run(cfg, run_dir)
+        result = run_distributed(cfg, run_dir)
     except ZsbirError as err:  # a user-fixable problem: its message, no traceback
         if sweeping and err.exit_code == 1:
             record_failure(run_dir, err)
@@ -150,4 +189,9 @@ class SweepFailureCallback(Callback):
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv = [sys.argv[0], *worker_rank_overrides(sys.argv[1:])]
+    except ZsbirError as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
     main()

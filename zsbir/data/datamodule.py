@@ -231,7 +231,8 @@ def _check_counts(name: str, root: Path, actual: dict[str, int], expected) -> No
 def transforms_for(data_cfg, norm: str, train: bool) -> dict:
     size = int(data_cfg.image_size)
     augment = str(data_cfg.augment)
-    return {d: build_transform(d, size, norm, augment, train=train) for d in ("sketch", "photo")}
+    uint8 = train and bool(data_cfg.get("gpu_augment"))  # the trainer augments and normalises on the device
+    return {d: build_transform(d, size, norm, augment, train=train, uint8=uint8) for d in ("sketch", "photo")}
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -64,16 +64,20 @@ def _augmentations(recipe: str, size: int, domain: str) -> list:
 
 
 def build_transform(domain: str, image_size: int, norm: str, augment: str = "none", train: bool = False,
-                    photo_pad: bool = True) -> T.Compose:
+                    photo_pad: bool = True, uint8: bool = False) -> T.Compose:
     """PIL image -> normalised float tensor (3 x S x S).
 
     Sketches are padded to a square with WHITE; photos with their own mean colour when
-    `photo_pad` (else stretched). Augmentation is applied only when `train`.
+    `photo_pad` (else stretched). Augmentation is applied only when `train`. With `uint8`
+    the result is the padded, resized uint8 tensor, neither augmented nor normalised
+    (`data.gpu_augment`: zsbir/data/gpu_augment.py does both on the device).
     """
     if norm not in NORMALIZATION:
         raise ValueError(f"model.norm must be one of {sorted(NORMALIZATION)}, got {norm!r}")
     mean, std = NORMALIZATION[norm]
     ops = square_resize_ops(domain, image_size, photo_pad)
+    if uint8:
+        return T.Compose([*ops, T.PILToTensor()])
     if train:
         ops += _augmentations(augment, image_size, domain)
     ops += [T.ToTensor(), T.Normalize(mean, std)]

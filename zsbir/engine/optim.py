@@ -6,20 +6,24 @@ Schedules are per optimisation step: a linear warmup, then `cosine` (to
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 SCHEDULES = ("constant", "cosine", "exp")
 
 
-def build_optimizer(optim_cfg, param_groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(optim_cfg, param_groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
+    """The `optim` config's optimizer; `fused` selects the single-kernel implementation where it has one."""
     if not param_groups:
         raise ValueError("nothing to train: every parameter is frozen (check model.trainable)")
     cfg = OmegaConf.to_container(optim_cfg, resolve=True)
     cfg.pop("name", None)
+    if fused and "fused" in inspect.signature(get_class(cfg["_target_"])).parameters:
+        cfg["fused"] = True
     return instantiate(cfg, params=param_groups, _convert_="all")
 
 

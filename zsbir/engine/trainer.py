@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from tqdm import tqdm
 
 from zsbir.config import validate_config
 from zsbir.data.datamodule import eval_loader, load_split, train_loader
+from zsbir.data.gpu_augment import GPUAugment
 from zsbir.data.pairs import item_seed
 from zsbir.engine import distributed as dist
 from zsbir.engine.checkpoint import (CheckpointError, RunDirectoryLock, load_checkpoint, remove_stale_temporaries,
@@ -62,6 +64,45 @@ def amp_dtype(precision: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+class SpeedOptionError(ZsbirError):
+    """A trainer speed option that cannot work in this run (hardware, model or launch)."""
+
+
+class TrainStep(nn.Module):
+    """The encoder and the loss set as one module whose forward is a whole step's loss.
+
+    One forward per step is what DistributedDataParallel needs to synchronise the
+    gradients of both (loss terms may own parameters) even though the encoder runs once
+    per domain. `compiled_encoder` (torch.compile of the same encoder) is kept outside the
+    module tree, so parameters and checkpoints see only the plain encoder.
+    """
+
+    def __init__(self, encoder: nn.Module, loss_set: nn.Module, views: tuple[str, ...], compiled_encoder=None):
+        super().__init__()
+        self.encoder, self.loss_set, self.views = encoder, loss_set, views
+        self._compiled = (compiled_encoder,)
+
+    def forward(self, batch: dict, ctx: LossContext):
+        return self.loss_set(batch, self.encode_views(batch), ctx)
+
+    def encode_views(self, batch: dict) -> dict:
+        """Encode every view the losses need; views of one domain share one forward pass."""
+        encoder = self.encoder if self._compiled[0] is None else self._compiled[0]
+        by_domain: dict[str, list[str]] = {}
+        for view in self.views:
+            by_domain.setdefault("sketch" if view.startswith("sketch") else "photo", []).append(view)
+        outputs = {}
+        for domain, views in by_domain.items():
+            images = torch.cat([batch[v] for v in views])
+            out = encoder(images, domain)
+            sizes = [len(batch[v]) for v in views]
+            for i, view in enumerate(views):
+                start = sum(sizes[:i])
+                outputs[view] = type(out)({k: t[start:start + sizes[i]] if torch.is_tensor(t) and t.shape[:1] == images.shape[:1] else t
+                                           for k, t in out.items()})
+        return outputs
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg = cfg
@@ -70,14 +111,17 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tcfg = cfg.trainer
         seed_everything(int(cfg.seed), bool(cfg.deterministic))
-        self.device = pick_device(str(tcfg.device))
+        self.device = dist.local_device(pick_device(str(tcfg.device)))
         self.amp = amp_dtype(str(tcfg.precision), self.device)
         self.main = dist.is_main()
 
         self.data = load_split(cfg.data, seed=int(cfg.seed))
         self.encoder = build_encoder(cfg.model, len(self.data.seen_classes)).to(self.device)
+        self._apply_model_options()
         self.loss_set = build_loss_set(cfg.loss).to(self.device)
         self.views = self.loss_set.views
+        self.gpu_augment = (GPUAugment(str(cfg.data.augment), self.encoder.norm, int(cfg.seed))
+                            if cfg.data.get("gpu_augment") else None)
         self.train_loader = train_loader(self.data, cfg.data, self.encoder.norm, self.views, int(cfg.seed),
                                          rank=dist.rank(), world_size=dist.world_size())
         self.sampler = self.train_loader.batch_sampler
@@ -87,7 +131,8 @@ class Trainer:
         self.total_steps = int(tcfg.max_steps) if tcfg.get("max_steps") else int(tcfg.max_epochs) * self.steps_per_epoch
         lr = float(cfg.optim.lr)
         groups = self.encoder.param_groups(lr) + self.loss_set.param_groups(lr)
-        self.optimizer = build_optimizer(cfg.optim, groups)
+        self.optimizer = build_optimizer(cfg.optim, groups,
+                                         fused=bool(tcfg.get("fused_optimizer")) and self.device.type == "cuda")
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp is torch.float16)
 
@@ -112,8 +157,57 @@ class Trainer:
         # their saved state then overrides what this built.
         self.loss_set.on_train_start(self.ctx, self.data.seen_classes)
         self._maybe_resume()
+        self.train_module = self._wrap_for_training()
         self.tracker = build_tracker(cfg.get("logger"), cfg, self.run_dir, self.resume_state.get("tracker")) if self.main else None
         self.preemption = PreemptionHandler()
+
+    # ------------------------------------------------------------------ speed options
+    def _apply_model_options(self) -> None:
+        """SyncBatchNorm, channels_last and gradient checkpointing on the plain encoder."""
+        tcfg = self.cfg.trainer
+        if tcfg.get("sync_bn") and dist.world_size() > 1:
+            if self.device.type != "cuda":
+                raise SpeedOptionError("trainer.sync_bn=true needs GPUs (NCCL); torch's SyncBatchNorm does not run "
+                                       "on CPU. Set trainer.sync_bn=false for CPU runs")
+            self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
+        if tcfg.get("channels_last"):
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        if tcfg.get("grad_checkpointing"):
+            self.encoder.set_grad_checkpointing(True)
+
+    def _wrap_for_training(self) -> nn.Module:
+        """The module a training step calls: encoder + losses, optionally compiled, DDP-wrapped under a process group."""
+        tcfg = self.cfg.trainer
+        compiled = torch.compile(self.encoder, backend=str(tcfg.compile_backend)) if tcfg.get("compile") else None
+        module = TrainStep(self.encoder, self.loss_set, self.views, compiled)
+        if dist.world_size() == 1:
+            return module
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=bool(self.cfg.trainer.get("ddp_find_unused_parameters")))
+
+    def _prepare_batch(self, batch: dict) -> dict:
+        """Move to the device; GPU-side augmentation and channels_last when configured."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for stream, view in enumerate(self.views):
+            if self.gpu_augment is not None:
+                domain = "sketch" if view.startswith("sketch") else "photo"
+                batch[view] = self.gpu_augment(batch[view], domain, self.epoch, batch["index"], stream)
+            if self.cfg.trainer.get("channels_last"):
+                batch[view] = batch[view].contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def forward_step(self, batch: dict):
+        try:
+            return self.train_module(batch, self.ctx)
+        except RuntimeError as err:
+            if "find_unused_parameters" not in str(err):
+                raise
+            raise SpeedOptionError(
+                "some trainable parameters got no gradient in the previous step (a head no loss term uses, or a "
+                "term that skips steps), which DistributedDataParallel cannot reduce with "
+                "trainer.ddp_find_unused_parameters=false; set it to true, or freeze the unused parameters"
+            ) from err
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
@@ -211,7 +305,9 @@ class Trainer:
         total, trainable = self.encoder.num_parameters()
         loss_params = sum(p.numel() for p in self.loss_set.parameters() if p.requires_grad)
         log.info("run directory: %s", self.run_dir)
-        log.info("device: %s%s", self.device, f" (autocast {self.amp})" if self.amp else "")
+        log.info("device: %s%s%s", self.device, f" (autocast {self.amp})" if self.amp else "",
+                 f"; {dist.world_size()} processes, per-process batch {self.cfg.data.batch_size}"
+                 if dist.world_size() > 1 else "")
         log.info("data: %s %s", self.data.name, self.data.counts())
         log.info("model: %s, parameters: %d total, %d trainable (+%d in loss heads)",
                  self.cfg.model.get("name", "?"), total, trainable, loss_params)
@@ -219,15 +315,15 @@ class Trainer:
         log.info("schedule: %d steps (%d per epoch)", self.total_steps, self.steps_per_epoch)
 
     def train_step(self, batch: dict) -> dict:
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = self._prepare_batch(batch)
         self.ctx.step, self.ctx.epoch = self.step, self.epoch
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
         with autocast:
-            outputs = self.encode_views(batch)
-            total, terms = self.loss_set(batch, outputs, self.ctx)
-        if not torch.isfinite(total):
+            total, terms = self.forward_step(batch)
+        if not dist.all_ranks_true(bool(torch.isfinite(total))):  # every rank skips together, or none does
             bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-            return self._nonfinite(f"non-finite loss (terms {bad or ['total (weighted sum)']})", terms)
+            where = "total (weighted sum)" if not torch.isfinite(total) else "on another rank"
+            return self._nonfinite(f"non-finite loss (terms {bad or [where]})", terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -263,20 +359,8 @@ class Trainer:
         return {"skipped": 1.0}
 
     def encode_views(self, batch: dict) -> dict:
-        """Encode every view the losses need; views of one domain share one forward pass."""
-        by_domain: dict[str, list[str]] = {}
-        for view in self.views:
-            by_domain.setdefault("sketch" if view.startswith("sketch") else "photo", []).append(view)
-        outputs = {}
-        for domain, views in by_domain.items():
-            images = torch.cat([batch[v] for v in views])
-            out = self.encoder(images, domain)
-            sizes = [len(batch[v]) for v in views]
-            for i, view in enumerate(views):
-                start = sum(sizes[:i])
-                outputs[view] = type(out)({k: t[start:start + sizes[i]] if torch.is_tensor(t) and t.shape[:1] == images.shape[:1] else t
-                                           for k, t in out.items()})
-        return outputs
+        """Encode every view the losses need (see TrainStep.encode_views)."""
+        return TrainStep(self.encoder, self.loss_set, self.views).encode_views(batch)
 
     def fit(self) -> dict:
         lock = RunDirectoryLock(self.run_dir) if self.main else None
@@ -318,7 +402,7 @@ class Trainer:
                 logs = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
-                images_since += len(batch["label"]) * len(self.views)
+                images_since += len(batch["label"]) * len(self.views) * dist.world_size()  # the whole job's
                 bar.update(1)
                 if self.step % int(tcfg.log_every) == 0 or self.step == self.total_steps:
                     elapsed = max(1e-9, time.monotonic() - t_log)
@@ -387,6 +471,7 @@ class Trainer:
             self.save("best.pt")
 
     def _finish(self) -> dict:
+        dist.barrier()  # rank 0 has finished writing best.pt before any rank reads it
         best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
         self.encoder.load_state_dict(best["model"])
         test, embeddings = self.evaluate_unseen(with_embeddings=True)

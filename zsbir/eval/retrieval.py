@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from zsbir.engine import distributed as dist
 from zsbir.errors import ZsbirError
 from zsbir.eval.hashing import ITQ, hamming_retrieval_metrics
 from zsbir.eval.metrics import retrieval_metrics
@@ -49,20 +50,53 @@ def metric_label(key: str) -> str:
     return {"map": "mAP", "prec": "P"}.get(kind, kind) + f"@{k}"
 
 
+def shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+    """This rank's contiguous slice of an evaluation loader's list (same batch size and workers)."""
+    n = len(loader.dataset)
+    per_rank = -(-n // world_size)
+    part = Subset(loader.dataset, range(min(n, rank * per_rank), min(n, (rank + 1) * per_rank)))
+    return DataLoader(part, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+
+
 @torch.no_grad()
 def embed(model, loader: DataLoader, domain: str, device: torch.device, amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings (float32, on CPU) and labels of every item of `loader`, in list order."""
+    """Embeddings (float32, on CPU) and labels of every item of `loader`, in list order.
+
+    Under a process group every rank embeds its own slice of the list; the slices are
+    gathered on every rank and put back in list order by item index, each item exactly once.
+    The loader's items are `(image, label, index in the list)`.
+    """
+    world = dist.world_size()
+    if world > 1:
+        loader = shard(loader, dist.rank(), world)
     was_training = model.training
     model.eval()
-    chunks, labels = [], []
-    for images, batch_labels, _ in loader:
+    chunks, labels, indices = [], [], []
+    for images, batch_labels, batch_indices in loader:
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(images, domain)["embedding"]
         chunks.append(out.float().cpu())
         labels.append(torch.as_tensor(batch_labels))
+        indices.append(torch.as_tensor(batch_indices))
     model.train(was_training)
-    return torch.cat(chunks), torch.cat(labels)
+    embeddings, labels, indices = (torch.cat(t) if t else None for t in (chunks, labels, indices))
+    if world == 1:
+        return embeddings, labels
+    if embeddings is None:  # more ranks than items: this rank's slice is empty
+        empty = torch.zeros(0, dtype=torch.long)
+        embeddings, labels, indices = torch.zeros(0, int(model.embed_dim)), empty, empty
+    return restore_order(dist.gather_rows(embeddings), dist.gather_rows(labels.long()), dist.gather_rows(indices.long()))
+
+
+def restore_order(embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
+    """Rows sorted by list index; every index 0..n-1 must appear exactly once."""
+    order = torch.argsort(indices)
+    if not torch.equal(indices[order], torch.arange(len(indices))):
+        raise RuntimeError(f"gathered evaluation items are not a permutation of the list ({len(indices)} rows): "
+                           "an item was embedded twice or not at all")
+    return embeddings[order], labels[order]
 
 
 def embed_split(model, query_loader: DataLoader, gallery_loader: DataLoader, device: torch.device,

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from zsbir.models.encoder import Encoder, EncoderOutput
 from zsbir.models.weights import local_weights_path, open_clip_checkpoint
@@ -103,6 +104,12 @@ class CLIPPromptEncoder(Encoder):
             for module in self.layer_norms():
                 module.requires_grad_(True)
         self._text_cache: dict[tuple, torch.Tensor] = {}
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # encode() runs the residual blocks itself (prompts are inserted between them), so
+        # open_clip's own flag would not reach them: checkpoint each block here.
+        self.grad_checkpointing = enable
 
     def layer_norms(self) -> list[nn.LayerNorm]:
         return [m for m in self.clip.visual.modules() if isinstance(m, nn.LayerNorm)]
@@ -126,10 +133,15 @@ class CLIPPromptEncoder(Encoder):
         for i, block in enumerate(visual.transformer.resblocks):
             if i > 0 and self.deep:
                 x = torch.cat([x[:, :n_image_tokens], prompts[i].to(x.dtype).expand(batch, -1, -1)], dim=1)
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            x = self._run_block(block, x) if batch_first else self._run_block(block, x.transpose(0, 1)).transpose(0, 1)
         x = visual.ln_post(x)
         embedding = x[:, 0] @ visual.proj
         return EncoderOutput(embedding=embedding, tokens=x[:, 1:n_image_tokens])
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         prompts = [self.sketch_prompts, self.photo_prompts]

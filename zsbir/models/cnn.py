@@ -68,6 +68,10 @@ class CNNEncoder(Encoder):
             return self.sketch_backbone
         return self.photo_backbone
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for backbone in filter(None, (self.photo_backbone, self.sketch_backbone)):
+            backbone.set_grad_checkpointing(enable)  # timm: checkpoints each stage
+
     def encode(self, images: torch.Tensor, domain: str) -> EncoderOutput:
         pooled = self.backbone_for(domain)(images)
         embedding = self.embed(pooled)

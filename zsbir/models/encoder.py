@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zsbir.errors import ZsbirError
+
 DOMAINS = ("sketch", "photo")
 
 # Normalisation constants by name; a model config picks one with `model.norm`.
@@ -34,6 +36,10 @@ class EncoderOutput(dict):
                 f"provides {sorted(self)}; choose a model that has it (see docs/methods.md)"
             )
         return self[key]
+
+
+class UnsupportedModelOption(ZsbirError):
+    """A trainer option the chosen model cannot provide (e.g. gradient checkpointing)."""
 
 
 class Encoder(nn.Module):
@@ -59,6 +65,13 @@ class Encoder(nn.Module):
         """Optimizer parameter groups; frozen parameters are never included."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr, "name": "encoder"}] if params else []
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of storing them (less memory, more compute)."""
+        raise UnsupportedModelOption(
+            f"{type(self).__name__} does not support gradient checkpointing; set trainer.grad_checkpointing=false "
+            "(ViT models support it: model=clip_prompt; timm CNNs: model=resnet50 / small_cnn)"
+        )
 
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
         raise NotImplementedError(

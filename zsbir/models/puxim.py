@@ -20,6 +20,7 @@ kept patch tokens (B x k x width), in `keep_index` order.
 from __future__ import annotations
 
 import torch
+from timm.models import checkpoint_seq
 from torch import nn
 
 from zsbir.models.cnn import check_tiny_pretrained
@@ -72,7 +73,13 @@ class PuXIMEncoder(Encoder):
             kept = x[:, prefix:].gather(1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :prefix], kept], dim=1)
         x = vit.norm_pre(vit.patch_drop(x))
-        return vit.norm(vit.blocks(x))
+        # timm applies its grad_checkpointing flag in forward_features, which this bypasses.
+        blocks = checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing and self.training and torch.is_grad_enabled() \
+            else vit.blocks(x)
+        return vit.norm(blocks)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vit.set_grad_checkpointing(enable)
 
     def _output(self, x: torch.Tensor) -> EncoderOutput:
         embedding = self.vit.forward_head(x, pre_logits=True)
