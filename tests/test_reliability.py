@@ -30,7 +30,7 @@ from zsbir.losses.base import LossTerm
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 epochs x 3 steps; last.pt only when a test asks for it; no before-training evaluation.
-SMOKE = ["debug=smoke", "trainer.device=cpu", "trainer.ckpt_every_s=null", "eval.before_training=false"]
+SMOKE = ["debug=smoke", "loss=[triplet]", "trainer.device=cpu", "trainer.ckpt_every_s=null", "eval.before_training=false"]
 
 
 @pytest.fixture
