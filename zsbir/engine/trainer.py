@@ -96,10 +96,11 @@ class TrainStep(nn.Module):
             images = torch.cat([batch[v] for v in views])
             out = encoder(images, domain)
             sizes = [len(batch[v]) for v in views]
+            # Per-item outputs are split back by view; anything else (e.g. a scalar) is shared.
+            pieces = {k: t.split(sizes) if torch.is_tensor(t) and t.shape[:1] == images.shape[:1] else [t] * len(views)
+                      for k, t in out.items()}
             for i, view in enumerate(views):
-                start = sum(sizes[:i])
-                outputs[view] = type(out)({k: t[start:start + sizes[i]] if torch.is_tensor(t) and t.shape[:1] == images.shape[:1] else t
-                                           for k, t in out.items()})
+                outputs[view] = type(out)({k: parts[i] for k, parts in pieces.items()})
         return outputs
 
 
@@ -147,6 +148,7 @@ class Trainer:
         self.wall_time_before = 0.0  # seconds spent in earlier sessions of this run (resumes)
         self._t_fit = time.monotonic()
         self.saved_step = -1  # the step of the newest last.pt (-1: none yet)
+        self._loaders: dict[str, tuple] = {}
         self.ctx = LossContext(step=self.step, total_steps=self.total_steps, epoch=self.epoch, encoder=self.encoder,
                                steps_per_epoch=self.steps_per_epoch,
                                extras={"class_names": self.data.seen_classes,
@@ -284,8 +286,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate_unseen(self, with_embeddings: bool = False):
         """Unseen-class metrics; with `with_embeddings`, (metrics, Embeddings)."""
-        queries = eval_loader(self.data, self.data.zero_sketch, "sketch", self.cfg.data, self.encoder.norm)
-        gallery = eval_loader(self.data, self.data.zero_photo, "photo", self.cfg.data, self.encoder.norm)
+        queries, gallery = self._eval_loaders("zero")
         metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp)
         return (metrics, embeddings) if with_embeddings else metrics
 
@@ -296,9 +297,17 @@ class Trainer:
                                      self.data.unseen_classes, self.run_dir / "grids", **grids)
 
     def validate_seen(self) -> dict:
-        queries = eval_loader(self.data, self.data.val_sketch, "sketch", self.cfg.data, self.encoder.norm)
-        gallery = eval_loader(self.data, self.data.val_photo, "photo", self.cfg.data, self.encoder.norm)
+        queries, gallery = self._eval_loaders("val")
         return evaluate(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp)
+
+    def _eval_loaders(self, split: str):
+        """(query, gallery) loaders of the `zero` (unseen test) or `val` (seen) split, built once per run,
+        so images kept in memory (data.cache_images) are decoded once, not at every evaluation."""
+        if split not in self._loaders:
+            lists = (getattr(self.data, f"{split}_sketch"), getattr(self.data, f"{split}_photo"))
+            self._loaders[split] = tuple(eval_loader(self.data, filelist, domain, self.cfg.data, self.encoder.norm)
+                                         for filelist, domain in zip(lists, ("sketch", "photo")))
+        return self._loaders[split]
 
     # ------------------------------------------------------------------ training
     def _log_start(self) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from zsbir.losses.base import VIEW_LABELS, LossConfigError, LossContext, LossTerm, check_views, gather_labelled
+from zsbir.models.encoder import UnsupportedModelOption
 
 
 class CLIPTextLoss(LossTerm):
@@ -25,7 +26,7 @@ class CLIPTextLoss(LossTerm):
     def text_embeddings(self, ctx: LossContext) -> torch.Tensor:
         try:
             return ctx.encoder.text_embeddings(ctx.extras["class_names"])
-        except NotImplementedError as err:
+        except UnsupportedModelOption as err:
             raise LossConfigError(str(err)) from None
 
     def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:

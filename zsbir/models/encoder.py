@@ -74,7 +74,7 @@ class Encoder(nn.Module):
         )
 
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
-        raise NotImplementedError(
+        raise UnsupportedModelOption(
             f"{type(self).__name__} has no text tower; losses that need class-name text "
             "embeddings (clip_text) require model=clip_prompt"
         )
