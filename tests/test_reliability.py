@@ -21,7 +21,7 @@ from PIL import Image
 
 from zsbir.data.filelist import DatasetError
 from zsbir.engine import checkpoint
-from zsbir.engine.checkpoint import CheckpointError, RunDirectoryBusyError, RunDirectoryLock, load_checkpoint, save_atomic
+from zsbir.engine.checkpoint import CheckpointError, RunDirectoryBusyError, load_checkpoint, save_atomic
 from zsbir.engine.preemption import EXIT_PREEMPTED, PreemptedError
 from zsbir.engine.seed import rng_state, set_rng_state
 from zsbir.engine.trainer import NonFiniteLossError, Trainer
@@ -202,14 +202,15 @@ def signal_after_step(trainer: Trainer, step: int, signum: int) -> None:
     trainer.train_step = train_step
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_preemption_signal_saves_last_pt_and_stops_cleanly(make_trainer, tmp_path, signum):
     before = signal.getsignal(signum)
     trainer = make_trainer()  # no periodic last.pt: the one found was written because of the signal
     signal_after_step(trainer, 2, signum)
     with pytest.raises(PreemptedError) as raised:
         trainer.fit()
-    assert raised.value.exit_code == EXIT_PREEMPTED == 75
+    # Ctrl-C: the shell's 130, not "requeue me"
+    assert raised.value.exit_code == (130 if signum == signal.SIGINT else EXIT_PREEMPTED) and EXIT_PREEMPTED == 75
     assert f"stopped by {signal.Signals(signum).name} at step 2 (epoch 1, batch 2)" in str(raised.value)
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (2, 0, 2)
@@ -258,7 +259,7 @@ def test_truncated_checkpoint_is_reported_not_loaded(make_trainer, tmp_path):
     make_trainer().save("last.pt")
     path = tmp_path / "run" / "last.pt"
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match="(?s)last.pt.*may be truncated.*delete it to start over"):
+    with pytest.raises(CheckpointError, match=r"(?s)last.pt.*may be truncated.*delete it \(or move it away\) to start the run over"):
         make_trainer()
 
 
@@ -309,15 +310,27 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+HOLD_LOCK = """
+import sys, time
+from zsbir.engine.rundir import RunDirectoryLock
+RunDirectoryLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
 def test_second_process_in_the_same_run_directory_is_refused(make_trainer, tmp_path):
     trainer = make_trainer()
-    other = RunDirectoryLock(tmp_path / "run")  # as if another job were training there
-    other.acquire()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
+                             text=True)  # another job training there
     try:
-        with pytest.raises(RunDirectoryBusyError, match=f"another process \\(pid {os.getpid()}\\) is training in"):
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirectoryBusyError, match=f"another process \\(pid {other.pid}\\) is training in"):
             trainer.fit()
     finally:
-        other.release()
+        other.kill()
+        other.wait()
     assert trainer.fit()["steps"] == 6  # once it is gone
 
 

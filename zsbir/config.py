@@ -54,6 +54,9 @@ class TrainerSchema:
     ckpt_every_steps: Optional[int] = option(None, minimum=1)
     resume: bool = option()
     skip_nonfinite: bool = option()
+    skip_nonfinite_max_fraction: float = option(0.2, minimum=0, maximum=1)
+    skip_nonfinite_window: int = option(50, minimum=1)
+    overwrite: bool = option(False)
     progress_bar: bool = option()
     # scale (docs/distributed.md): launch, DDP and speed options
     distributed: str = option("auto", choices=("auto", "off"))
@@ -157,7 +160,7 @@ class DataSchema:
     metrics: List[str] = option()
     image_size: int = option(minimum=1)
     augment: str = option(choices=RECIPES)
-    batch_size: int = option(minimum=1)
+    batch_size: int = option(minimum=2)  # BatchNorm and in-batch negatives need two items
     eval_batch_size: int = option(minimum=1)
     num_workers: int = option(minimum=0)
     cache_images: bool = option(False)
@@ -185,6 +188,7 @@ GROUP_SCHEMAS = {"trainer": TrainerSchema, "eval": EvalSchema, "sched": SchedSch
                  "logger": LoggerSchema, "data": DataSchema}
 # group -> (keys the builder removes before instantiating, arguments the builder passes itself)
 INSTANTIATED = {"model": ({"name"}, {"num_classes"}), "optim": ({"name"}, {"params"})}
+FLOAT32_MAX = 3.4028234663852886e38
 LOSS_TERM_KEYS = ({"weight"}, set())
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 TOP_LEVEL = set(GROUP_SCHEMAS) | set(INSTANTIATED) | {"loss"} | {f.name for f in dataclasses.fields(RootSchema)}
@@ -210,6 +214,22 @@ def validate_config(cfg: DictConfig) -> None:
             f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in the config: {listing}. "
             "Fix them on the command line (key=value) or in the config file that sets them"
         )
+
+
+def validate_eval_options(eval_cfg: DictConfig) -> None:
+    """The `eval` group of `python -m zsbir.eval`, checked before any checkpoint is loaded or image embedded."""
+    try:
+        node = OmegaConf.to_container(eval_cfg, resolve=True) if isinstance(eval_cfg, DictConfig) else eval_cfg
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve config key {err.full_key}: {err.msg}") from None
+    if isinstance(node, dict):
+        node = {"before_training": False, **node}  # a training-only key
+    problems = _check_group({"eval": node}, "eval", lambda n: check_fields(n, EvalSchema, "eval"))
+    if not problems:
+        problems = _check_across_groups({"eval": node})
+    if problems:
+        raise ConfigError(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in the eval options: "
+                          f"{'; '.join(problems)}. Fix them on the command line (eval.<key>=<value>)")
 
 
 def _check_group(values: dict, group: str, check) -> list[str]:
@@ -322,8 +342,11 @@ def _check_across_groups(values: dict) -> list[str]:
     problems = []
     if data and not data.get("synthetic") and not data.get("root"):
         problems.append("data.root is null: set data.root=/path/to/the/dataset (or paths.data_dir / ZSBIR_DATA)")
-    if not all(isinstance(k, int) for k in [*(eval_cfg.get("map_at") or []), *(eval_cfg.get("prec_at") or [])]):
+    problems += _check_model_and_optim(values.get("model"), values.get("optim"))
+    cutoffs = [(key, k) for key in ("map_at", "prec_at") for k in eval_cfg.get(key) or []]
+    if not all(isinstance(k, int) for _, k in cutoffs):
         return problems  # eval.map_at / prec_at themselves are wrong, and reported as such
+    problems += [f"eval.{key} contains {k}: a cut-off K must be >= 1" for key, k in cutoffs if k < 1]
     known = metric_names(eval_cfg)
     hint = f"the evaluator reports {'|'.join(known)} (set by eval.map_at / eval.prec_at)"
     select = trainer.get("select_metric")
@@ -331,6 +354,22 @@ def _check_across_groups(values: dict) -> list[str]:
         problems.append(f"trainer.select_metric={select!r}: {hint}")
     metrics = data.get("metrics") if isinstance(data.get("metrics"), list) else []
     problems += [f"data.metrics contains {m!r}: {hint}" for m in metrics if m not in known]
+    return problems
+
+
+def _check_model_and_optim(model: Any, optim: Any) -> list[str]:
+    """Values the constructors accept but that cannot train: no embedding, a negative or overflowing lr."""
+    problems = []
+    embed_dim = model.get("embed_dim") if isinstance(model, dict) else None
+    if embed_dim is not None and (isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1):
+        problems.append(f"model.embed_dim={_show(embed_dim)}: must be an integer >= 1")
+    lr = optim.get("lr") if isinstance(optim, dict) else None
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            problems.append(f"optim.lr={_show(lr)}: expected a number")
+        elif not 0 < lr <= FLOAT32_MAX:
+            problems.append(f"optim.lr={_show(lr)}: must be a finite number > 0"
+                            + (" that fits in float32 (<= 3.4e38)" if lr > 0 else ""))
     return problems
 
 

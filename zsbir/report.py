@@ -386,7 +386,8 @@ def make_report(folders: list[Path], wandb_project: str | None = None, fmt: str 
         runs += collect_wandb(wandb_project, api=api)
     if not runs:
         where = ", ".join(str(f) for f in folders) + (f", W&B {wandb_project}" if wandb_project else "")
-        raise ReportError(f"no finished runs (metrics.json) found in {where}")
+        listing = f" (skipped: {'; '.join(notes)})" if notes else ""
+        raise ReportError(f"no finished runs (metrics.json) found in {where}{listing}")
     runs, replaced = deduplicate(runs)
     table = build_table(runs, layout=layout)
     return FORMATTERS[fmt](table), notes + replaced

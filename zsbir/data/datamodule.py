@@ -20,6 +20,7 @@ from zsbir.data.filelist import (DatasetError, FileList, build_filelist_from_fol
 from zsbir.data.imagecache import CachedImages
 from zsbir.data.pairs import EpochBatchSampler, ImageListDataset, TripletDataset, seed_worker
 from zsbir.data.transforms import build_transform
+from zsbir.engine.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def read_lists(data_cfg, root: Path, split: Path) -> tuple[list[str], list[str],
             log.info("%s: %s is absent (the list is not public): built it from the seen-class folders %s/<class>/ (%d images)",
                      key, name, root / str(folders[key]), len(lists[key]))
         else:
-            lists[key] = read_filelist(path)
+            lists[key] = read_filelist(path, strict=bool(data_cfg.get("strict", True)))
         check_labels(lists[key], len(classes), class_file)
     return seen, unseen, lists
 
@@ -263,4 +264,5 @@ def eval_loader(data: SplitData, filelist: FileList, domain: str, data_cfg, norm
                                domain=domain, pixels=data.pixels)
     workers = int(data_cfg.num_workers)
     return DataLoader(dataset, batch_size=int(data_cfg.eval_batch_size), shuffle=False, num_workers=workers,
-                      generator=_generator(0), pin_memory=torch.cuda.is_available())
+                      generator=_generator(0), pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_stop_signals if workers else None)

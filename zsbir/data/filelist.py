@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from zsbir.errors import ZsbirError
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ZsbirError):
@@ -42,7 +45,27 @@ def parse_line(line: str, where: str) -> tuple[str, int]:
         raise DatasetError(f"{where}: the last token must be an integer label, got {label!r}") from None
 
 
-def read_filelist(path: str | Path) -> FileList:
+def text_lines(path: Path, skip_undecodable: bool = False):
+    """(line number, text) of a UTF-8 list file; a line that is not UTF-8 is a DatasetError naming the
+    file and line, or (`skip_undecodable`, data.strict=false) skipped with a warning giving the count."""
+    skipped = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if not skip_undecodable:
+                    raise DatasetError(
+                        f"{path}, line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}). "
+                        "Re-save the list as UTF-8 or remove that line; data.strict=false skips such lines"
+                    ) from None
+                skipped.append(number)
+    if skipped:
+        log.warning("data.strict=false: skipping %d line(s) of %s that are not UTF-8 text (lines %s)", len(skipped),
+                    path, skipped[:10])
+
+
+def read_filelist(path: str | Path, strict: bool = True) -> FileList:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(
@@ -50,14 +73,13 @@ def read_filelist(path: str | Path) -> FileList:
             "dataset again (an incomplete download lacks some lists)"
         )
     paths, labels, lines = [], [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            rel, label = parse_line(line, f"{path}:{number}")
-            paths.append(rel)
-            labels.append(label)
-            lines.append(number)
+    for number, line in text_lines(path, skip_undecodable=not strict):
+        if not line.strip():
+            continue
+        rel, label = parse_line(line, f"{path}:{number}")
+        paths.append(rel)
+        labels.append(label)
+        lines.append(number)
     return FileList(paths, labels, str(path), lines)
 
 
@@ -67,13 +89,12 @@ def read_class_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"class file not found: {path}")
     by_id: dict[int, str] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                name, cid = parse_line(line, f"{path}:{number}")
-                if cid in by_id:
-                    raise DatasetError(f"{path}:{number}: class id {cid} appears twice")
-                by_id[cid] = name
+    for number, line in text_lines(path):
+        if line.strip():
+            name, cid = parse_line(line, f"{path}:{number}")
+            if cid in by_id:
+                raise DatasetError(f"{path}:{number}: class id {cid} appears twice")
+            by_id[cid] = name
     if sorted(by_id) != list(range(len(by_id))):
         raise DatasetError(f"{path}: class ids must be 0..{len(by_id) - 1}")
     return [by_id[i] for i in range(len(by_id))]

@@ -41,7 +41,7 @@ def _decode(args: tuple[str, str, int]) -> np.ndarray | None:
         with Image.open(path) as image:
             image.load()
             return np.asarray(T.Compose(square_resize_ops(domain, size))(image), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError):  # PIL raises all three for damaged files
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # damaged files, decompression bombs
         return None
 
 

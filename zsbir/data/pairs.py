@@ -19,6 +19,8 @@ from torch.utils.data import Dataset, Sampler
 
 from zsbir.data.filelist import DatasetError, FileList
 from zsbir.data.imagecache import CachedImages
+from zsbir.engine.preemption import ignore_stop_signals
+from zsbir.errors import ConfigError
 
 VIEWS = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2")
 
@@ -29,7 +31,7 @@ def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         line = filelist.line_numbers[index] if filelist.line_numbers else "?"
         raise DatasetError(
             f"cannot read image {path} (listed in {filelist.source}, line {line}): {err}. Re-extract the dataset, "
@@ -156,11 +158,15 @@ class EpochBatchSampler(Sampler):
             self.batch_size = self.P * self.K
             n_classes = len(np.unique(self.labels))
             if self.P > n_classes:
-                raise ValueError(f"classes_per_batch={self.P} exceeds the {n_classes} training classes")
+                raise ConfigError(f"data.balanced.classes_per_batch={self.P} exceeds the {n_classes} training "
+                                  f"classes: set it to at most {n_classes}")
         else:
             self.batch_size = int(batch_size)
         if len(self.labels) < self.batch_size * world_size:
-            raise ValueError(f"batch size {self.batch_size} x {world_size} ranks exceeds the {len(self.labels)} training items")
+            raise ConfigError(
+                f"a batch of {self.batch_size} sketches x {world_size} process(es) exceeds the {len(self.labels)} "
+                f"training sketches: set data.batch_size (or data.balanced) to at most "
+                f"{len(self.labels) // world_size} sketches per batch, or use more data")
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -196,9 +202,11 @@ class EpochBatchSampler(Sampler):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker init: derive NumPy/Python seeds from torch's per-worker seed."""
+    """DataLoader worker init: derive NumPy/Python seeds from torch's per-worker seed; stop
+    signals are left to the main process (it saves last.pt, then shuts the workers down)."""
     import random
 
+    ignore_stop_signals()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

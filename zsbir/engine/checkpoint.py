@@ -8,7 +8,6 @@ are read with `torch.load(weights_only=True)`, which refuses arbitrary pickled o
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from zsbir.engine.rundir import RunDirectoryBusyError, RunDirectoryLock  # noqa: F401  (their former home)
 from zsbir.errors import ZsbirError
 
 log = logging.getLogger(__name__)
@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ZsbirError):
     """A checkpoint cannot be used; the message says why and what to do."""
-
-
-class RunDirectoryBusyError(ZsbirError):
-    """Another process is training in the same run directory."""
 
 
 def _temporary_name(path: Path) -> Path:
@@ -58,14 +54,22 @@ def _os_error_in(err: BaseException) -> OSError | None:
 
 def save_atomic(state: dict, path: str | os.PathLike) -> None:
     """Write `state` to `path` so that a reader sees either the old or the new file, never half of one."""
-    path = Path(path)
+    _write_atomic(Path(path), lambda handle: torch.save(state, handle), "checkpoint")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """A result file (metrics.json, results.txt) written like a checkpoint: all of it or the old one."""
+    _write_atomic(Path(path), lambda handle: handle.write(text.encode()), "result file")
+
+
+def _write_atomic(path: Path, write, what: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     try:
         # os.open with 0o666 honours the umask (tempfile.mkstemp would make the file private).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -76,14 +80,14 @@ def save_atomic(state: dict, path: str | os.PathLike) -> None:
             raise
         hint = " The disk is full: free space or move the run." if os_error.errno == errno.ENOSPC else ""
         raise CheckpointError(
-            f"could not write checkpoint {path}: {os_error}.{hint} The previous {path.name}, if any, is unchanged"
+            f"could not write {what} {path}: {os_error}.{hint} The previous {path.name}, if any, is unchanged"
         ) from err
     _fsync_directory(path.parent)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete temporary checkpoint files left by a process killed in the middle of a write."""
-    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    stale = sorted(Path(folder).glob(".*.*.tmp"))
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     if stale:
@@ -91,7 +95,9 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu",
+                    fix: str = "delete it (or move it away) to start the run over") -> dict:
+    """`fix` ends the message for an unloadable file: what the caller's user should do."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -99,46 +105,5 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated file, foreign pickle, ...
         raise CheckpointError(
-            f"cannot load checkpoint {path}: {err}. It may be truncated or not a zsbir checkpoint; "
-            "delete it to start over, or pass another one"
+            f"cannot load checkpoint {path}: {err}. It may be truncated or not a zsbir checkpoint; {fix}"
         ) from err
-
-
-class RunDirectoryLock:
-    """An exclusive lock on a run directory, held while a process trains in it.
-
-    A requeued job that starts while the old one is still saving, or the same command
-    launched twice, would otherwise interleave two trainings in one `last.pt`. The lock is
-    an advisory `flock` on `<run dir>/.lock`; the kernel releases it when the process dies,
-    so a killed run never leaves a stale lock. File systems without flock support skip it.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / ".lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunDirectoryBusyError(
-                f"another process (pid {holder}) is training in {self.path.parent}. Wait for it to finish "
-                "(re-running the same command afterwards resumes from last.pt), stop it, or pass another "
-                "hydra.run.dir"
-            ) from None
-        except OSError as err:  # e.g. ENOLCK on a network file system without lock support
-            os.close(fd)
-            log.warning("cannot lock %s (%s): not protected against a second process using it", self.path, err)
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None

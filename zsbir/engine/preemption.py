@@ -14,6 +14,13 @@ same command in the same run directory resumes:
 When a launcher had installed its own handler for the signal (submitit does, for its
 checkpoint-and-requeue), that handler is called after `last.pt` is saved instead of
 raising, so the launcher's requeue still happens.
+
+SIGINT (Ctrl-C) is handled the same way: `last.pt` is saved and the run stops with one
+line and exit code 130; a second Ctrl-C stops at once (KeyboardInterrupt). `scancel`,
+preemption and a terminal's Ctrl-C signal the whole process group, DataLoader workers
+included: workers ignore these signals (`ignore_stop_signals`, their `worker_init_fn`)
+and are stopped by the main process once it has saved, instead of dying first and
+turning the clean stop into "DataLoader worker ... is killed by signal".
 """
 from __future__ import annotations
 
@@ -27,7 +34,15 @@ from zsbir.errors import ZsbirError
 log = logging.getLogger("zsbir.train")
 
 EXIT_PREEMPTED = 75
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT (128 + 2)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals() -> None:
+    """In a DataLoader worker: leave SIGTERM/SIGUSR1/SIGINT to the main process, which saves and
+    then shuts the workers down (they also exit when the main process dies)."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class PreemptedError(ZsbirError):
@@ -46,13 +61,23 @@ class PreemptionHandler:
     def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS):
         self.signals = signals
         self.received: signal.Signals | None = None
+        self._announced = False
         self.previous: dict[signal.Signals, Callable | int | None] = {}
 
     def _record(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
         if self.received is None:
+            # No logging here: a handler that writes to a stream the interrupted code was writing
+            # to fails with "reentrant call"; `requested` reports the signal after the step.
             self.received = signal.Signals(signum)
-            log.warning("received %s: finishing the current step, then saving last.pt and stopping",
-                        self.received.name)
+
+    def requested(self) -> bool:
+        """Whether a stop signal arrived; says so in the log the first time it is seen."""
+        if self.received is not None and not self._announced:
+            self._announced = True
+            log.warning("received %s: saving last.pt and stopping", self.received.name)
+        return self.received is not None
 
     def __enter__(self) -> "PreemptionHandler":
         if threading.current_thread() is threading.main_thread():
@@ -70,10 +95,16 @@ class PreemptionHandler:
         sig = self.received  # None on a rank that stops because another rank was signalled
         previous = self.previous.get(sig) if sig else None
         self.__exit__()
-        if callable(previous):
+        # Python's own Ctrl-C handler (KeyboardInterrupt) is not a launcher's: ours replaces it.
+        if callable(previous) and previous is not signal.default_int_handler:
             log.warning("%s: handing over to the previously installed %s handler", where, sig.name)
             previous(int(sig), None)
         cause = sig.name if sig else "a signal to another rank"
+        if sig == signal.SIGINT:
+            error = PreemptedError(f"stopped by {cause} {where}. Re-run the same command with the same "
+                                   "run directory (hydra.run.dir=...) to resume")
+            error.exit_code = EXIT_INTERRUPTED
+            raise error
         raise PreemptedError(
             f"stopped by {cause} {where}. Re-run the same command with the same run directory "
             f"(hydra.run.dir=...) to resume; exit code {EXIT_PREEMPTED} means 'preempted, requeue me'"

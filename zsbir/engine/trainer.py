@@ -25,14 +25,17 @@ from zsbir.data.datamodule import eval_loader, load_split, train_loader
 from zsbir.data.gpu_augment import GPUAugment
 from zsbir.data.pairs import item_seed
 from zsbir.engine import distributed as dist
-from zsbir.engine.checkpoint import (CheckpointError, RunDirectoryLock, load_checkpoint, remove_stale_temporaries,
-                                     save_atomic)
+from zsbir.engine.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries, save_atomic,
+                                     write_text_atomic)
+from zsbir.engine.resume import apply_optimizer_settings, optimizer_settings, refuse_unchangeable_keys
+from zsbir.engine.rundir import RunDirectoryLock, claim_run_directory, refuse_fresh_run_over_results
+from zsbir.engine.nonfinite import SkipBudget, restore_buffers, snapshot_buffers
 from zsbir.engine.preemption import PreemptionHandler
 from zsbir.engine.optim import build_optimizer, build_scheduler
 from zsbir.engine.runinfo import write_run_info
 from zsbir.engine.seed import rng_state, seed_everything, set_rng_state
 from zsbir.errors import ConfigError, ZsbirError
-from zsbir.eval.retrieval import evaluate, evaluate_with_embeddings, format_table, table_keys
+from zsbir.eval.retrieval import embedding_warnings, evaluate_with_embeddings, format_table, table_keys
 from zsbir.eval.visualize import write_retrieval_grids
 from zsbir.losses.base import LossContext, build_loss_set
 from zsbir.models.encoder import build_encoder
@@ -109,8 +112,10 @@ class Trainer:
         self.cfg = cfg
         validate_config(cfg)  # before any work: a typo must not cost a dataset load or an epoch
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         tcfg = cfg.trainer
+        if dist.is_main():  # before any work: a busy, unwritable or already used directory
+            claim_run_directory(self.run_dir).release()
+            refuse_fresh_run_over_results(self.run_dir, bool(tcfg.resume), bool(tcfg.get("overwrite")))
         seed_everything(int(cfg.seed), bool(cfg.deterministic))
         self.device = dist.local_device(pick_device(str(tcfg.device)))
         self.amp = amp_dtype(str(tcfg.precision), self.device)
@@ -144,6 +149,8 @@ class Trainer:
         self.best_step = -1
         self.metrics_before: dict | None = None
         self.nonfinite_steps = 0
+        self.warnings: list[str] = []  # degenerate embeddings seen in this session's evaluations (metrics.json)
+        self.skip_budget = SkipBudget(tcfg.get("skip_nonfinite_max_fraction", 0.2), tcfg.get("skip_nonfinite_window", 50))
         self.resume_state: dict = {}
         self.wall_time_before = 0.0  # seconds spent in earlier sessions of this run (resumes)
         self._t_fit = time.monotonic()
@@ -267,10 +274,15 @@ class Trainer:
             return
         state = load_checkpoint(path)
         self.check_fingerprint(state, path)
+        refuse_unchangeable_keys(state.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True), path)
+        fresh = optimizer_settings(self.optimizer, self.scheduler)
         self.encoder.load_state_dict(state["model"])
         self.loss_set.load_state_dict(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        applied = apply_optimizer_settings(self.optimizer, self.scheduler, fresh)
+        if applied:
+            log.warning("resuming with the config's optimiser settings, not the checkpoint's: %s", "; ".join(applied))
         self.scaler.load_state_dict(state["scaler"])
         for key in ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "metrics_before", "nonfinite_steps"):
             setattr(self, key, state[key])
@@ -287,7 +299,8 @@ class Trainer:
     def evaluate_unseen(self, with_embeddings: bool = False):
         """Unseen-class metrics; with `with_embeddings`, (metrics, Embeddings)."""
         queries, gallery = self._eval_loaders("zero")
-        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp)
+        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp,
+                                                       split="unseen-class test")
         return (metrics, embeddings) if with_embeddings else metrics
 
     def write_grids(self, embeddings) -> list[Path]:
@@ -298,7 +311,11 @@ class Trainer:
 
     def validate_seen(self) -> dict:
         queries, gallery = self._eval_loaders("val")
-        return evaluate(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp)
+        split = "seen-class validation"
+        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device,
+                                                       self.amp, split=split)
+        self.warnings += embedding_warnings(embeddings, f"{split} at step {self.step}")
+        return metrics
 
     def _eval_loaders(self, split: str):
         """(query, gallery) loaders of the `zero` (unseen test) or `val` (seen) split, built once per run,
@@ -327,6 +344,8 @@ class Trainer:
         batch = self._prepare_batch(batch)
         self.ctx.step, self.ctx.epoch = self.step, self.epoch
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        # A skipped step must not keep the running statistics its forward pass computed.
+        self._buffers = snapshot_buffers(self.encoder, self.loss_set) if self.cfg.trainer.skip_nonfinite else []
         with autocast:
             total, terms = self.forward_step(batch)
         if not dist.all_ranks_true(bool(torch.isfinite(total))):  # every rank skips together, or none does
@@ -349,6 +368,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.cfg.trainer.skip_nonfinite:
+            self.skip_budget.record(False, "")
         return {"loss": total.detach(), **{f"loss/{k}": v.detach() for k, v in terms.items()}}
 
     def _nonfinite(self, problem: str, terms: dict) -> dict:
@@ -356,15 +377,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         where = f"step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1})"
         if not self.cfg.trainer.skip_nonfinite:
-            last = (f"{self.run_dir / 'last.pt'} (step {self.saved_step}) is kept unchanged" if self.saved_step >= 0
-                    else "no last.pt was written before it")
+            last = (f"The last good checkpoint {self.run_dir / 'last.pt'} (step {self.saved_step}) is kept unchanged"
+                    if self.saved_step >= 0 else "No last.pt was written before it")
             raise NonFiniteLossError(
-                f"{problem} at {where}; loss terms {_term_values(terms)}. The last good checkpoint {last}. "
+                f"{problem} at {where}; loss terms {_term_values(terms)}. {last}. "
                 "Lower optim.lr, enable trainer.grad_clip, or set trainer.skip_nonfinite=true to skip such steps"
             )
+        restore_buffers(self._buffers)
         self.nonfinite_steps += 1
         log.warning("skipping %s: %s; loss terms %s (%d skipped so far)", where, problem, _term_values(terms),
                     self.nonfinite_steps)
+        self.skip_budget.record(True, where)
         return {"skipped": 1.0}
 
     def encode_views(self, batch: dict) -> dict:
@@ -448,7 +471,7 @@ class Trainer:
 
     def _stop_if_requested(self) -> None:
         """After a preemption signal (on any rank): save last.pt and stop (PreemptedError)."""
-        stop = self.preemption.received is not None
+        stop = self.preemption.requested()
         if dist.is_initialized():  # every rank must stop at the same step
             flag = torch.tensor([float(stop)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -484,6 +507,7 @@ class Trainer:
         best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
         self.encoder.load_state_dict(best["model"])
         test, embeddings = self.evaluate_unseen(with_embeddings=True)
+        self.warnings += embedding_warnings(embeddings, f"unseen-class test (best.pt, step {self.best_step})")
         grids = self.write_grids(embeddings) if self.main else []
         wall_time = self.wall_time()
         keys = table_keys(self.cfg.data.metrics, self.cfg.eval, DEFAULT_METRICS)
@@ -509,14 +533,14 @@ class Trainer:
             "world_size": dist.world_size(),
             "wall_time_s": round(wall_time, 2),
             "retrieval_grids": [str(p.relative_to(self.run_dir)) for p in grids],
+            "warnings": self.warnings,
         }
         rows = {"untrained network": self.metrics_before} if self.metrics_before else {}
         rows[f"trained (best.pt, step {self.best_step})"] = test
         table = format_table(rows, keys, result["protocol"])
         if self.main:
-            with open(self.run_dir / "metrics.json", "w") as handle:
-                json.dump(result, handle, indent=2)
-            (self.run_dir / "results.txt").write_text(table + "\n")
+            write_text_atomic(self.run_dir / "metrics.json", json.dumps(result, indent=2))
+            write_text_atomic(self.run_dir / "results.txt", table + "\n")
             log.info("\n%s\nqueries: %d, gallery: %d; wall time %.1f s; run directory %s", table, result["n_queries"],
                      result["n_gallery"], wall_time, self.run_dir)
             self.tracker.summary({f"test/{k}": v for k, v in test.items()})

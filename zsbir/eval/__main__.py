@@ -39,20 +39,22 @@ class RunDirError(ZsbirError):
 
 
 def run_eval(cfg: DictConfig) -> dict:
+    from zsbir.config import validate_eval_options
     from zsbir.data.datamodule import eval_loader, load_split
-    from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
+    from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic, write_text_atomic
     from zsbir.engine.trainer import DEFAULT_METRICS, amp_dtype, pick_device
     from zsbir.eval.retrieval import Embeddings, format_table, score_embeddings, table_keys
     from zsbir.eval.visualize import write_retrieval_grids
     from zsbir.models.encoder import build_encoder
 
+    validate_eval_options(cfg.eval)  # a typo must not cost an embedding pass
     if not cfg.get("run_dir"):
         raise RunDirError("no run directory given: python -m zsbir.eval run_dir=<a training run directory> "
                           "(the folder a `python -m zsbir.train` run wrote)")
     run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
     run_cfg = load_run_config(run_dir)
     ckpt_path, ckpt_label = resolve_checkpoint(run_dir, str(cfg.ckpt))
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, fix="pass another checkpoint (ckpt=best, ckpt=last or ckpt=<file>)")
     check_model_fingerprint(state, run_cfg.model, ckpt_path, run_dir)
 
     data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data if cfg.get("data") else run_cfg.data, resolve=True))
@@ -119,8 +121,8 @@ def run_eval(cfg: DictConfig) -> dict:
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "results.txt").write_text(table + "\n")
+    write_text_atomic(out_dir / "eval_metrics.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out_dir / "results.txt", table + "\n")
     log.info("\n%s\nqueries: %d, gallery: %d; results in %s", table, result["n_queries"], result["n_gallery"], out_dir)
     return result
 
@@ -139,7 +141,12 @@ def load_run_config(run_dir: Path) -> DictConfig:
             f"{run_dir} is not a training run directory: it has no config.yaml. Pass the folder a "
             "`python -m zsbir.train` run wrote (it holds config.yaml, best.pt, metrics.json): run_dir=<that folder>"
         )
-    return OmegaConf.load(config)
+    try:
+        return OmegaConf.load(config)
+    except Exception as err:  # a YAML syntax error, an unreadable or binary file
+        detail = " ".join(str(err).split())
+        raise RunDirError(f"cannot read {config}: {detail}. Restore it (the run's checkpoints also hold the config), "
+                          "or pass another run_dir") from None
 
 
 def resolve_checkpoint(run_dir: Path, ckpt: str) -> tuple[Path, str]:

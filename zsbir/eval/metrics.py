@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsbir.errors import ZsbirError
+
 PROTOCOLS = ("voc", "plain")
 # Memory the score chunk and its sorting buffers may take; sets the default chunk size.
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -49,6 +51,61 @@ DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
 _BYTES_PER_PAIR = 16
 
 ScoresFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Degenerate embeddings (docs/metrics.md "Ties"): total variance of the unit vectors below
+# this, or more than this share of a query's scores tied with another item, is reported.
+DEGENERATE_VARIANCE = 1e-6
+DEGENERATE_TIED_SHARE = 0.5
+_TIE_SAMPLE_QUERIES = 64
+
+
+class NonFiniteEmbeddingsError(ZsbirError):
+    """Embeddings with NaN or Inf values: no metric can be computed from them."""
+
+
+def check_finite(embeddings, what: str) -> None:
+    """Raise NonFiniteEmbeddingsError naming `what` and how many rows hold NaN or Inf.
+
+    A NaN score compares false with everything, so a ranking would put NaN items anywhere,
+    typically first: all-NaN embeddings would score mAP@all = 1.0.
+    """
+    embeddings = torch.as_tensor(embeddings)
+    if embeddings.numel() == 0 or not embeddings.is_floating_point():
+        return
+    bad = int((~torch.isfinite(embeddings.reshape(len(embeddings), -1))).any(dim=1).sum())
+    if bad:
+        raise NonFiniteEmbeddingsError(
+            f"{bad} of {len(embeddings)} {what} embeddings hold NaN or Inf values (the model has diverged); no "
+            "metric is computed from them. Lower optim.lr, enable trainer.grad_clip, or evaluate an earlier checkpoint"
+        )
+
+
+def degenerate_embeddings(queries, gallery) -> list[str]:
+    """Warnings when the embeddings carry (almost) no information (empty list: none).
+
+    Collapsed embeddings score well above chance because of the tie rule (ties ranked by
+    gallery index, docs/metrics.md), so such a number must not pass as a result.
+    """
+    unit = F.normalize(torch.cat([_as_float_tensor(queries), _as_float_tensor(gallery)]).double(), dim=1)
+    warnings = []
+    variance = float(unit.var(dim=0, unbiased=False).sum()) if len(unit) > 1 else 0.0
+    if variance < DEGENERATE_VARIANCE:
+        warnings.append(f"degenerate embeddings: total variance {variance:.3g} of the L2-normalised embeddings "
+                        f"(< {DEGENERATE_VARIANCE:g}): every item looks the same")
+    n_queries = len(queries)
+    rows = unit[: min(n_queries, _TIE_SAMPLE_QUERIES)] @ unit[n_queries:].T
+    if rows.numel():
+        scores = rows.float()  # ties as the float32 ranking sees them
+        ordered = scores.sort(dim=1).values
+        tied = torch.zeros_like(ordered, dtype=torch.bool)
+        equal = ordered[:, 1:] == ordered[:, :-1]
+        tied[:, 1:] |= equal
+        tied[:, :-1] |= equal
+        share = float(tied.double().mean())
+        if share > DEGENERATE_TIED_SHARE:
+            warnings.append(f"degenerate embeddings: {share:.0%} of the query-gallery scores are tied with another "
+                            "item's, so the ranking is mostly the gallery order (tie rule, docs/metrics.md); "
+                            "the metrics do not measure retrieval")
+    return warnings
 
 
 def retrieval_metrics(
@@ -96,6 +153,8 @@ def retrieval_metrics(
     queries, gallery = _as_float_tensor(query_emb), _as_float_tensor(gallery_emb).to(device)
     gallery = gallery.to(torch.promote_types(queries.dtype, gallery.dtype))
     queries = queries.to(gallery.dtype)
+    check_finite(queries, "query")
+    check_finite(gallery, "gallery")
     query_classes, gallery_classes, n_classes = _class_ids(query_labels, gallery_labels)
     if queries.shape[0] != query_classes.numel() or gallery.shape[0] != gallery_classes.numel():
         raise ValueError("embeddings and labels disagree in length")

@@ -6,6 +6,7 @@ ranked by Hamming distance; those metrics carry the prefix `bin<bits>/` (`bin64/
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,9 @@ from torch.utils.data import DataLoader, Subset
 from zsbir.engine import distributed as dist
 from zsbir.errors import ZsbirError
 from zsbir.eval.hashing import ITQ, hamming_retrieval_metrics
-from zsbir.eval.metrics import retrieval_metrics
+from zsbir.eval.metrics import check_finite, degenerate_embeddings, retrieval_metrics
+
+log = logging.getLogger(__name__)
 
 BINARY_FIT_ON = ("gallery", "queries", "all")
 
@@ -107,19 +110,32 @@ def embed_split(model, query_loader: DataLoader, gallery_loader: DataLoader, dev
 
 
 def evaluate(model, query_loader: DataLoader, gallery_loader: DataLoader, eval_cfg, device: torch.device,
-             amp_dtype=None) -> dict:
-    return evaluate_with_embeddings(model, query_loader, gallery_loader, eval_cfg, device, amp_dtype)[0]
+             amp_dtype=None, split: str = "evaluation") -> dict:
+    return evaluate_with_embeddings(model, query_loader, gallery_loader, eval_cfg, device, amp_dtype, split)[0]
 
 
 def evaluate_with_embeddings(model, query_loader: DataLoader, gallery_loader: DataLoader, eval_cfg,
-                             device: torch.device, amp_dtype=None) -> tuple[dict, Embeddings]:
+                             device: torch.device, amp_dtype=None, split: str = "evaluation") -> tuple[dict, Embeddings]:
     """`evaluate`, also returning the embeddings (for retrieval grids and the embedding cache)."""
     embeddings = embed_split(model, query_loader, gallery_loader, device, amp_dtype)
-    return score_embeddings(embeddings, eval_cfg, device), embeddings
+    return score_embeddings(embeddings, eval_cfg, device, split), embeddings
 
 
-def score_embeddings(embeddings: Embeddings, eval_cfg, device: torch.device) -> dict:
-    """Real-valued metrics, plus `bin<bits>/...` Hamming metrics when `eval.binary.enabled`."""
+def embedding_warnings(embeddings: Embeddings, split: str) -> list[str]:
+    """Degenerate-embedding warnings of one split (logged; the trainer also writes them to metrics.json)."""
+    warnings = [f"{split}: {w}" for w in degenerate_embeddings(embeddings.queries, embeddings.gallery)]
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+def score_embeddings(embeddings: Embeddings, eval_cfg, device: torch.device, split: str = "evaluation") -> dict:
+    """Real-valued metrics, plus `bin<bits>/...` Hamming metrics when `eval.binary.enabled`.
+
+    Non-finite embeddings stop here with the split's name (NonFiniteEmbeddingsError).
+    """
+    check_finite(embeddings.queries, f"{split} query (sketch)")
+    check_finite(embeddings.gallery, f"{split} gallery (photo)")
     settings = dict(
         protocol=str(eval_cfg.protocol), map_at=tuple(eval_cfg.map_at), prec_at=tuple(eval_cfg.prec_at),
         per_class=bool(eval_cfg.per_class), chunk_size=eval_cfg.get("chunk_size"),
