@@ -51,7 +51,7 @@ def test_choices_and_ranges(compose_cfg):
     assert "sched.name='linear': must be one of constant|cosine|exp" in message
     assert "data.augment='mixup': must be one of none|flip|sake|dsn|clip" in message
     assert "trainer.device='gpu0': must be auto, cpu, mps, cuda or cuda:<index>" in message
-    assert "data.batch_size=0: must be >= 1" in message
+    assert "data.batch_size=0: must be >= 2" in message
     assert "logger.name='mlflow': must be one of none|wandb" in message
     validate_config(compose_cfg("trainer.device=cuda:1", "trainer.precision=fp32"))
 

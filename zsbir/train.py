@@ -106,6 +106,8 @@ def worker_rank_overrides(argv: list[str]) -> list[str]:
     per rank (time-stamped names differ) and write its config and log into it; the run
     directory is rank 0's (broadcast in `run_distributed`).
     """
+    if not any(key in os.environ for key in ("RANK", "SLURM_PROCID")):
+        return argv  # one process: no need to import torch yet (a refused launch fails in under a second)
     from zsbir.engine.distributed import launch_env
 
     launch = launch_env()
