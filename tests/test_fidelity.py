@@ -204,3 +204,6 @@ def test_bad_encode_mode_and_missing_stream_batch_are_named(compose_cfg):
         validate_config(compose_cfg("model.encode=both"))
     with pytest.raises(ConfigError, match=r"data.sampler=streams needs data.stream_batch"):
         validate_config(compose_cfg("data.sampler=streams"))
+    with pytest.raises(ConfigError, match=r"no entry for dataset 'mydata' \(only sketchy, .*data.by_dataset.mydata"):
+        validate_config(compose_cfg("experiment=sake", "data.name=mydata"))
+    validate_config(compose_cfg("experiment=sake", "data.name=mydata", "data.stream_batch={sketch:2,photo:4}"))

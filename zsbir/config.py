@@ -207,6 +207,13 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         values = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
+        by_dataset = OmegaConf.select(cfg, "data.by_dataset", throw_on_resolution_failure=False)
+        name = OmegaConf.select(cfg, "data.name", throw_on_resolution_failure=False)
+        if "data.by_dataset." in str(err.msg) and by_dataset is not None and name not in by_dataset:
+            raise ConfigError(
+                f"{err.full_key} comes from the preset's per-dataset values (data.by_dataset), which have no entry for "
+                f"dataset {name!r} (only {', '.join(by_dataset)}); set {err.full_key} yourself, or add "
+                f"data.by_dataset.{name} like the preset's other entries") from None
         raise ConfigError(f"cannot resolve config key {err.full_key}: {err.msg}") from None
     values.pop("hydra", None)
     problems = check_fields(values, RootSchema, "", allow=TOP_LEVEL - {f.name for f in dataclasses.fields(RootSchema)})
