@@ -127,7 +127,7 @@ def test_domain_loss_by_hand_and_reversed_gradient():
     from zsbir.losses.domain import DomainAdversarialLoss
 
     term = DomainAdversarialLoss(in_dim=2, layers=0, schedule="constant", lambda_max=0.5,
-                                 views=["sketch", "photo_pos"])
+                                 views=["sketch", "photo_pos"], reduction="mean")
     linear = term.classifier[0]
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[1.0, -1.0]]))
@@ -147,6 +147,25 @@ def test_domain_loss_by_hand_and_reversed_gradient():
     assert torch.allclose(photo.grad[0], g_photo, atol=1e-6)
     # the classifier itself descends (no reversal on its own parameters)
     assert linear.weight.grad is not None
+
+
+def test_domain_loss_view_sum_is_the_official_sum_of_per_view_means():
+    # official baseline train.py:101-105: ratio * (BCE(pos) + BCE(neg) + BCE(sketch)), each a batch mean
+    from zsbir.losses.domain import DomainAdversarialLoss
+
+    term = DomainAdversarialLoss(in_dim=1, layers=0, schedule="constant")
+    with torch.no_grad():
+        term.classifier[0].weight.fill_(1.0)
+        term.classifier[0].bias.zero_()
+    sketch, pos, neg = torch.tensor([[1.0], [3.0]]), torch.tensor([[-2.0], [0.0]]), torch.tensor([[0.5], [-1.0]])
+    outputs = {"sketch": out(embedding=sketch), "photo_pos": out(embedding=pos), "photo_neg": out(embedding=neg)}
+    softplus = lambda z: math.log(1 + math.exp(z))  # noqa: E731  BCE(target 0) = softplus(z), (target 1) = softplus(-z)
+    per_view = [(softplus(1) + softplus(3)) / 2, (softplus(2) + softplus(0)) / 2, (softplus(-0.5) + softplus(1)) / 2]
+    assert float(term({}, outputs, LossContext())) == pytest.approx(sum(per_view), abs=1e-6)
+    term.reduction = "mean"
+    assert float(term({}, outputs, LossContext())) == pytest.approx(sum(per_view) / 3, abs=1e-6)
+    with pytest.raises(LossConfigError, match="reduction"):
+        DomainAdversarialLoss(in_dim=4, reduction="sum")
 
 
 def test_domain_classifier_is_the_papers_mlp():

@@ -52,7 +52,8 @@ def test_presets_set_the_papers_settings(compose_cfg):
     assert sorted(dsn.loss) == ["ce", "contrastive", "distill", "memory"]
     assert (dsn.loss.contrastive.weight, dsn.loss.contrastive.temperature) == (0.1, 0.07)
     assert (dsn.loss.memory.weight, dsn.loss.memory.slots, dsn.loss.memory.feature) == (1.0, 10, "pooled")
-    assert dsn.data.augment == "dsn" and dsn.data.batch_size * 3 == 96
+    assert (dsn.data.augment, dsn.data.augment_views, dsn.data.sampler) == ("sake", "dsn", "streams")
+    assert (dsn.data.stream_batch.sketch, dsn.data.stream_batch.photo) == (32, 64)  # Sketchy: 96 // 3, 96 // 3 * 2
 
     lvm = compose_cfg("experiment=sketch_lvm")
     assert lvm.model.name == "clip_prompt" and lvm.model.arch == "ViT-B-32-quickgelu"
@@ -88,7 +89,7 @@ def test_dsn_run_logs_every_term_and_resumes_its_memory(compose_cfg, tmp_path):
     assert all({"loss/ce", "loss/distill", "loss/contrastive", "loss/memory"} <= set(r) for r in steps)
 
     memory = trainer.loss_set.terms["memory"]
-    assert int(memory.writes.sum()) == trainer.total_steps * cfg.data.batch_size  # every sketch stored
+    assert int(memory.writes.sum()) == trainer.total_steps * cfg.data.stream_batch.sketch  # every sketch stored
     saved = load_checkpoint(run_dir / "last.pt")["losses"]
     assert torch.equal(saved["terms.memory.bank"], memory.bank)
     resumed = Trainer(cfg, run_dir)  # same directory: resumes from last.pt

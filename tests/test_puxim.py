@@ -223,7 +223,7 @@ def test_preset_sets_the_papers_settings(compose_cfg):
     match = cfg.loss.puxim_match
     assert (match.d_model, match.nhead, match.dim_feedforward, match.num_layers) == (768, 4, 1024, 4)
     assert cfg.loss.puxim_recon.vxl.mask_ratio == 0.7 and cfg.loss.puxim_match.vxl.mask_ratio == 0.7
-    assert (cfg.optim._target_, cfg.optim.lr, cfg.optim.weight_decay) == ("torch.optim.AdamW", 1e-5, 1e-3)
+    assert (cfg.optim._target_, cfg.optim.lr, cfg.optim.weight_decay) == ("torch.optim.Adam", 1e-5, 1e-3)
     assert cfg.data.image_size == 224 and cfg.model.image_size == 224 and cfg.loss.puxim_recon.vxl.image_size == 224
     override = compose_cfg("experiment=puxim", "loss.puxim_recon.vxl.mask_ratio=0.5")
     assert override.loss.puxim_match.vxl.mask_ratio == 0.5  # one setting drives both terms

@@ -27,6 +27,7 @@ from zsbir.data.synthetic import SyntheticSpec
 from zsbir.data.transforms import RECIPES
 from zsbir.engine.optim import SCHEDULES
 from zsbir.errors import ConfigError
+from zsbir.models.encoder import ENCODE_MODES
 
 
 def option(default: Any = MISSING, *, choices: tuple | None = None, minimum: float | None = None,
@@ -97,6 +98,7 @@ class EvalSchema:
     before_training: bool = option()
     binary: Optional[BinarySchema] = option(None)
     grids: Optional[GridsSchema] = option(None)
+    precision: str = option("fp32", choices=("fp32", "bf16", "fp16"))  # embeddings; autocast on CUDA only
 
 
 @dataclass(kw_only=True)
@@ -147,6 +149,12 @@ class BalancedSchema:
 
 
 @dataclass(kw_only=True)
+class StreamBatchSchema:
+    sketch: int = option(minimum=1)
+    photo: int = option(minimum=1)
+
+
+@dataclass(kw_only=True)
 class DataSchema:
     """Keys every dataset config shares (zsbir/data/datamodule.py reads them)."""
 
@@ -160,6 +168,10 @@ class DataSchema:
     metrics: List[str] = option()
     image_size: int = option(minimum=1)
     augment: str = option(choices=RECIPES)
+    augment_views: Optional[str] = option(None, choices=RECIPES)  # recipe of the extra views (_v2, _v3)
+    sampler: str = option("triplets", choices=("triplets", "streams"))
+    stream_batch: Optional[StreamBatchSchema] = option(None)  # data.sampler=streams: images per step
+    by_dataset: Optional[Dict[str, Any]] = option(None)  # presets: {dataset name: values that differ per dataset}
     batch_size: int = option(minimum=2)  # BatchNorm and in-batch negatives need two items
     eval_batch_size: int = option(minimum=1)
     num_workers: int = option(minimum=0)
@@ -187,7 +199,7 @@ class RootSchema:
 GROUP_SCHEMAS = {"trainer": TrainerSchema, "eval": EvalSchema, "sched": SchedSchema, "paths": PathsSchema,
                  "logger": LoggerSchema, "data": DataSchema}
 # group -> (keys the builder removes before instantiating, arguments the builder passes itself)
-INSTANTIATED = {"model": ({"name"}, {"num_classes"}), "optim": ({"name"}, {"params"})}
+INSTANTIATED = {"model": ({"name", "encode"}, {"num_classes"}), "optim": ({"name"}, {"params"})}
 FLOAT32_MAX = 3.4028234663852886e38
 LOSS_TERM_KEYS = ({"weight"}, set())
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
@@ -199,6 +211,13 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         values = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
+        by_dataset = OmegaConf.select(cfg, "data.by_dataset", throw_on_resolution_failure=False)
+        name = OmegaConf.select(cfg, "data.name", throw_on_resolution_failure=False)
+        if "data.by_dataset." in str(err.msg) and by_dataset is not None and name not in by_dataset:
+            raise ConfigError(
+                f"{err.full_key} comes from the preset's per-dataset values (data.by_dataset), which have no entry for "
+                f"dataset {name!r} (only {', '.join(by_dataset)}); set {err.full_key} yourself, or add "
+                f"data.by_dataset.{name} like the preset's other entries") from None
         raise ConfigError(f"cannot resolve config key {err.full_key}: {err.msg}") from None
     values.pop("hydra", None)
     problems = check_fields(values, RootSchema, "", allow=TOP_LEVEL - {f.name for f in dataclasses.fields(RootSchema)})
@@ -340,6 +359,11 @@ def _check_across_groups(values: dict) -> list[str]:
     """Rules that tie groups together; metric names would otherwise fail only after an epoch."""
     trainer, data, eval_cfg = (values.get(g) if isinstance(values.get(g), dict) else {} for g in ("trainer", "data", "eval"))
     problems = []
+    model = values.get("model") if isinstance(values.get("model"), dict) else {}
+    if model.get("encode", "joint") not in ENCODE_MODES:
+        problems.append(f"model.encode={_show(model.get('encode'))}: must be one of {'|'.join(ENCODE_MODES)}")
+    if data.get("sampler") == "streams" and not data.get("stream_batch"):
+        problems.append("data.sampler=streams needs data.stream_batch: {sketch: <sketches per step>, photo: <photos>}")
     if data and not data.get("synthetic") and not data.get("root"):
         problems.append("data.root is null: set data.root=/path/to/the/dataset (or paths.data_dir / ZSBIR_DATA)")
     problems += _check_model_and_optim(values.get("model"), values.get("optim"))

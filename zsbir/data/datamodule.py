@@ -19,6 +19,7 @@ from zsbir.data.filelist import (DatasetError, FileList, build_filelist_from_fol
                                  read_class_file, read_filelist)
 from zsbir.data.imagecache import CachedImages
 from zsbir.data.pairs import EpochBatchSampler, ImageListDataset, TripletDataset, seed_worker
+from zsbir.data.streams import StreamBatchSampler, StreamDataset, collate_streams
 from zsbir.data.transforms import build_transform
 from zsbir.engine.preemption import ignore_stop_signals
 
@@ -229,11 +230,25 @@ def _check_counts(name: str, root: Path, actual: dict[str, int], expected) -> No
         )
 
 
+EXTRA_VIEWS = ("sketch_v2", "sketch_v3", "photo_pos_v2", "photo_v2", "photo_v3")  # augmented copies of a main view
+
+
 def transforms_for(data_cfg, norm: str, train: bool) -> dict:
+    """{domain: transform} for the main views, plus {view: transform} for the extra augmented
+    views when `data.augment_views` gives them their own recipe (DSN: colour jitter and
+    grayscale on the contrastive views only)."""
     size = int(data_cfg.image_size)
     augment = str(data_cfg.augment)
     uint8 = train and bool(data_cfg.get("gpu_augment"))  # the trainer augments and normalises on the device
-    return {d: build_transform(d, size, norm, augment, train=train, uint8=uint8) for d in ("sketch", "photo")}
+    transforms = {d: build_transform(d, size, norm, augment, train=train, uint8=uint8) for d in ("sketch", "photo")}
+    extra = data_cfg.get("augment_views")
+    if train and extra and uint8:
+        raise DatasetError("data.augment_views works with CPU-side augmentation only; set data.gpu_augment=false "
+                           "or data.augment_views=null")
+    if train and extra:
+        transforms.update({view: build_transform(domain_of(view), size, norm, str(extra), train=True)
+                           for view in EXTRA_VIEWS})
+    return transforms
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -246,6 +261,8 @@ def _generator(seed: int) -> torch.Generator:
 
 def train_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], seed: int,
                  rank: int = 0, world_size: int = 1) -> DataLoader:
+    if str(data_cfg.get("sampler") or "triplets") == "streams":
+        return stream_loader(data, data_cfg, norm, views, seed, rank, world_size)
     dataset = TripletDataset(data.root, data.train_sketch, data.train_photo, transforms_for(data_cfg, norm, train=True),
                              views=views, seed=seed, cache_images=bool(data_cfg.get("cache_images")), pixels=data.pixels)
     balanced = data_cfg.get("balanced") or {}
@@ -255,6 +272,29 @@ def train_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], s
     workers = int(data_cfg.num_workers)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
                       generator=_generator(seed), pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def stream_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], seed: int,
+                  rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Two-stream batches (zsbir/data/streams.py): `data.stream_batch.sketch` sketches + `.photo` photos."""
+    if data_cfg.get("gpu_augment"):
+        raise DatasetError("data.gpu_augment=true works with triplet batches only; set data.gpu_augment=false "
+                           "or data.sampler=triplets")
+    if data_cfg.get("balanced"):
+        raise DatasetError("data.balanced (P x K batches) works with triplet batches only; set data.balanced=null "
+                           "or data.sampler=triplets")
+    sizes = data_cfg.get("stream_batch") or {}
+    if not (sizes.get("sketch") and sizes.get("photo")):
+        raise DatasetError("data.sampler=streams needs data.stream_batch.sketch and data.stream_batch.photo "
+                           "(images of each domain per step), e.g. data.stream_batch={sketch:13,photo:26}")
+    dataset = StreamDataset(data.root, data.train_sketch, data.train_photo, transforms_for(data_cfg, norm, train=True),
+                            views=views, seed=seed, cache_images=bool(data_cfg.get("cache_images")), pixels=data.pixels)
+    sampler = StreamBatchSampler(len(data.train_sketch), len(data.train_photo), int(sizes["sketch"]),
+                                 int(sizes["photo"]), seed=seed, rank=rank, world_size=world_size)
+    workers = int(data_cfg.num_workers)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_streams, num_workers=workers,
+                      worker_init_fn=seed_worker, generator=_generator(seed), pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 

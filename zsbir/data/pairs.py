@@ -23,6 +23,7 @@ from zsbir.engine.preemption import ignore_stop_signals
 from zsbir.errors import ConfigError
 
 VIEWS = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2")
+STREAM_VIEWS = ("sketch", "sketch_v2", "sketch_v3", "photo", "photo_v2", "photo_v3")  # zsbir/data/streams.py
 
 
 def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
@@ -90,7 +91,9 @@ class TripletDataset(Dataset):
                  cache_images: bool = False, pixels: CachedImages | None = None):
         unknown = set(views) - set(VIEWS)
         if unknown:
-            raise ValueError(f"unknown views {sorted(unknown)}; known: {VIEWS}")
+            hint = (" (views of two-stream batches: set data.sampler=streams)" if unknown <= set(STREAM_VIEWS) else "")
+            raise ValueError(f"triplet batches (data.sampler=triplets) have no views {sorted(unknown)}{hint}; "
+                             f"they have {list(VIEWS)}")
         self.root, self.sketches, self.photos = Path(root), sketches, photos
         self.transforms, self.views, self.seed = transforms, tuple(views), seed
         self.cache = ImageCache(cache_images, pixels)
@@ -134,7 +137,7 @@ class TripletDataset(Dataset):
             # stream is untouched and this view's randomness depends only on (seed, epoch, index).
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(item_seed(self.seed, epoch, index, stream + 1))
-                item[view] = self.transforms[domain](loaded[cache_key])
+                item[view] = self.transforms.get(view, self.transforms[domain])(loaded[cache_key])
         return item
 
 

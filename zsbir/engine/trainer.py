@@ -38,7 +38,7 @@ from zsbir.errors import ConfigError, ZsbirError
 from zsbir.eval.retrieval import embedding_warnings, evaluate_with_embeddings, format_table, table_keys
 from zsbir.eval.visualize import write_retrieval_grids
 from zsbir.losses.base import LossContext, build_loss_set
-from zsbir.models.encoder import build_encoder
+from zsbir.models.encoder import DOMAIN_IDS, ENCODE_MODES, build_encoder
 from zsbir.tracking import build_tracker
 
 log = logging.getLogger("zsbir.train")
@@ -75,36 +75,56 @@ class TrainStep(nn.Module):
     """The encoder and the loss set as one module whose forward is a whole step's loss.
 
     One forward per step is what DistributedDataParallel needs to synchronise the
-    gradients of both (loss terms may own parameters) even though the encoder runs once
-    per domain. `compiled_encoder` (torch.compile of the same encoder) is kept outside the
-    module tree, so parameters and checkpoints see only the plain encoder.
+    gradients of both (loss terms may own parameters). `compiled_encoder` (torch.compile
+    of the same encoder) is kept outside the module tree, so parameters and checkpoints
+    see only the plain encoder.
     """
 
-    def __init__(self, encoder: nn.Module, loss_set: nn.Module, views: tuple[str, ...], compiled_encoder=None):
+    def __init__(self, encoder: nn.Module, loss_set: nn.Module, views: tuple[str, ...], compiled_encoder=None,
+                 encode: str = "joint"):
         super().__init__()
-        self.encoder, self.loss_set, self.views = encoder, loss_set, views
+        if encode not in ENCODE_MODES:
+            raise ConfigError(f"model.encode={encode!r}: must be one of {'|'.join(ENCODE_MODES)}")
+        self.encoder, self.loss_set, self.views, self.encode = encoder, loss_set, views, encode
         self._compiled = (compiled_encoder,)
 
     def forward(self, batch: dict, ctx: LossContext):
         return self.loss_set(batch, self.encode_views(batch), ctx)
 
     def encode_views(self, batch: dict) -> dict:
-        """Encode every view the losses need; views of one domain share one forward pass."""
+        """Encode every view the losses need.
+
+        `joint`: all views in ONE encoder call, each sample tagged with its domain (SAKE and
+        DSN's official training: BatchNorm normalises sketches and photos with the same batch
+        statistics, as its running statistics mix them at evaluation). `per_domain`: one call
+        per domain (the views of a domain share it), for two-tower models and recipes that
+        rely on per-domain batch statistics.
+        """
         encoder = self.encoder if self._compiled[0] is None else self._compiled[0]
-        by_domain: dict[str, list[str]] = {}
+        groups: dict[str, list[str]] = {}
         for view in self.views:
-            by_domain.setdefault("sketch" if view.startswith("sketch") else "photo", []).append(view)
+            key = "all" if self.encode == "joint" else domain_of_view(view)
+            groups.setdefault(key, []).append(view)
         outputs = {}
-        for domain, views in by_domain.items():
+        for key, views in groups.items():
             images = torch.cat([batch[v] for v in views])
-            out = encoder(images, domain)
             sizes = [len(batch[v]) for v in views]
+            if key == "all":
+                domain = torch.cat([torch.full((n,), DOMAIN_IDS[domain_of_view(v)], dtype=torch.long,
+                                               device=images.device) for v, n in zip(views, sizes)])
+            else:
+                domain = key
+            out = encoder(images, domain)
             # Per-item outputs are split back by view; anything else (e.g. a scalar) is shared.
             pieces = {k: t.split(sizes) if torch.is_tensor(t) and t.shape[:1] == images.shape[:1] else [t] * len(views)
                       for k, t in out.items()}
             for i, view in enumerate(views):
                 outputs[view] = type(out)({k: parts[i] for k, parts in pieces.items()})
         return outputs
+
+
+def domain_of_view(view: str) -> str:
+    return "sketch" if view.startswith("sketch") else "photo"
 
 
 class Trainer:
@@ -119,10 +139,14 @@ class Trainer:
         seed_everything(int(cfg.seed), bool(cfg.deterministic))
         self.device = dist.local_device(pick_device(str(tcfg.device)))
         self.amp = amp_dtype(str(tcfg.precision), self.device)
+        # Evaluation embeddings: fp32 unless eval.precision opts in to autocast (bf16 rounding,
+        # ~4e-3, reorders near-ties among tens of thousands of gallery photos).
+        self.eval_amp = amp_dtype(str(cfg.eval.get("precision") or "fp32"), self.device)
         self.main = dist.is_main()
 
         self.data = load_split(cfg.data, seed=int(cfg.seed))
         self.encoder = build_encoder(cfg.model, len(self.data.seen_classes)).to(self.device)
+        self.encode_mode = str(cfg.model.get("encode") or "joint")
         self._apply_model_options()
         self.loss_set = build_loss_set(cfg.loss).to(self.device)
         self.views = self.loss_set.views
@@ -188,7 +212,7 @@ class Trainer:
         """The module a training step calls: encoder + losses, optionally compiled, DDP-wrapped under a process group."""
         tcfg = self.cfg.trainer
         compiled = torch.compile(self.encoder, backend=str(tcfg.compile_backend)) if tcfg.get("compile") else None
-        module = TrainStep(self.encoder, self.loss_set, self.views, compiled)
+        module = TrainStep(self.encoder, self.loss_set, self.views, compiled, self.encode_mode)
         if dist.world_size() == 1:
             return module
         return nn.parallel.DistributedDataParallel(
@@ -299,8 +323,8 @@ class Trainer:
     def evaluate_unseen(self, with_embeddings: bool = False):
         """Unseen-class metrics; with `with_embeddings`, (metrics, Embeddings)."""
         queries, gallery = self._eval_loaders("zero")
-        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device, self.amp,
-                                                       split="unseen-class test")
+        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device,
+                                                       self.eval_amp, split="unseen-class test")
         return (metrics, embeddings) if with_embeddings else metrics
 
     def write_grids(self, embeddings) -> list[Path]:
@@ -313,7 +337,7 @@ class Trainer:
         queries, gallery = self._eval_loaders("val")
         split = "seen-class validation"
         metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device,
-                                                       self.amp, split=split)
+                                                       self.eval_amp, split=split)
         self.warnings += embedding_warnings(embeddings, f"{split} at step {self.step}")
         return metrics
 
@@ -392,7 +416,7 @@ class Trainer:
 
     def encode_views(self, batch: dict) -> dict:
         """Encode every view the losses need (see TrainStep.encode_views)."""
-        return TrainStep(self.encoder, self.loss_set, self.views).encode_views(batch)
+        return TrainStep(self.encoder, self.loss_set, self.views, encode=self.encode_mode).encode_views(batch)
 
     def fit(self) -> dict:
         lock = RunDirectoryLock(self.run_dir) if self.main else None
@@ -434,7 +458,7 @@ class Trainer:
                 logs = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
-                images_since += len(batch["label"]) * len(self.views) * dist.world_size()  # the whole job's
+                images_since += sum(len(batch[v]) for v in self.views) * dist.world_size()  # the whole job's
                 bar.update(1)
                 if self.step % int(tcfg.log_every) == 0 or self.step == self.total_steps:
                     elapsed = max(1e-9, time.monotonic() - t_log)

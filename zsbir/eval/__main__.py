@@ -62,7 +62,9 @@ def run_eval(cfg: DictConfig) -> dict:
     data = load_split(data_cfg, seed=int(run_cfg.seed))
 
     device = pick_device(str(cfg.device))
-    requested = str(cfg.precision or run_cfg.trainer.get("precision", "fp32"))
+    # The run's evaluation precision (fp32 unless the run opted in to eval.precision=bf16),
+    # not its training autocast.
+    requested = str(cfg.precision or (run_cfg.get("eval") or {}).get("precision") or "fp32")
     autocast = amp_dtype(requested, device)
     precision = requested if autocast else "fp32"  # autocast only runs on CUDA
     model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)

@@ -4,8 +4,11 @@ A term is `term(batch, outputs, ctx) -> scalar tensor`:
 - `batch`: the training batch dict (images by view name, `label`, `neg_label`, ...;
   see zsbir/data/pairs.py);
 - `outputs`: view name -> EncoderOutput, for every view the LossSet asked the trainer
-  to encode (`sketch`, `photo_pos`, `photo_neg`, and the second augmented views
-  `sketch_v2`, `photo_pos_v2` when a term needs them);
+  to encode. Triplet batches (`data.sampler: triplets`) hold `sketch`, `photo_pos`,
+  `photo_neg` and the second augmented views `sketch_v2`, `photo_pos_v2`; two-stream
+  batches (`data.sampler: streams`, zsbir/data/streams.py) hold `sketch` and `photo`
+  (independent draws, each with its own labels) and the extra augmented views
+  `sketch_v2`, `sketch_v3`, `photo_v2`, `photo_v3`;
 - `ctx`: training progress, the (unwrapped) encoder and `extras` (`class_names`: the
   seen classes; `split_dir`: the dataset's split folder; `synthetic`: whether the data
   is the generated benchmark), for terms that need them.
@@ -24,11 +27,15 @@ from torch import nn
 
 from zsbir.errors import ZsbirError
 
-# The batch view each label belongs to: the sketch and the positive photo (and their second
-# augmented views) carry `label`, the negative photo `neg_label`.
-VIEW_LABELS = {"sketch": "label", "sketch_v2": "label", "photo_pos": "label", "photo_pos_v2": "label",
-               "photo_neg": "neg_label"}
-PHOTO_VIEWS = ("photo_pos", "photo_neg", "photo_pos_v2")
+# The batch key holding each view's labels: the sketch and the positive photo (and their
+# extra augmented views) carry `label`, the negative photo `neg_label`, the photo stream of a
+# two-stream batch `photo_label`.
+VIEW_LABELS = {"sketch": "label", "sketch_v2": "label", "sketch_v3": "label", "photo_pos": "label",
+               "photo_pos_v2": "label", "photo_neg": "neg_label",
+               "photo": "photo_label", "photo_v2": "photo_label", "photo_v3": "photo_label"}
+PHOTO_VIEWS = ("photo_pos", "photo_neg", "photo_pos_v2", "photo", "photo_v2", "photo_v3")
+VIEW_ORDER = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2",
+              "photo", "sketch_v3", "photo_v2", "photo_v3")
 
 
 class LossConfigError(ZsbirError):
@@ -100,12 +107,11 @@ class LossSet(nn.Module):
 
     @property
     def views(self) -> tuple[str, ...]:
-        order = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2")
         wanted = {v for term in self.terms.values() for v in term.views}
-        unknown = wanted - set(order)
+        unknown = wanted - set(VIEW_ORDER)
         if unknown:
             raise ValueError(f"unknown batch views requested by the loss terms: {sorted(unknown)}")
-        return tuple(v for v in order if v in wanted)
+        return tuple(v for v in VIEW_ORDER if v in wanted)
 
     def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:
         for term in self.terms.values():

@@ -12,6 +12,10 @@ lambda schedules (`schedule`):
   (what the DANN baseline's official code meant; its bug leaves lambda at 0 until then);
 - `constant`: always 1.
 lambda is multiplied by `lambda_max`.
+
+`reduction`: `view_sum` (the official baseline's: the sum over views of each view's mean
+BCE, train.py:101-105, so the term is 3x the mean for sketch / positive / negative views)
+or `mean` (one mean over every image).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from torch import nn
 from zsbir.losses.base import VIEW_LABELS, LossConfigError, LossContext, LossTerm, check_views
 
 SCHEDULES = ("dann", "ramp", "constant")
+REDUCTIONS = ("view_sum", "mean")
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -68,8 +73,11 @@ class DomainAdversarialLoss(LossTerm):
 
     def __init__(self, in_dim: int, hidden: int = 1024, layers: int = 4, schedule: str = "dann",
                  gamma: float = 10.0, grl_threshold_epoch: float = 25.0, lambda_max: float = 1.0,
-                 feature: str = "embedding", views=("sketch", "photo_pos", "photo_neg")):
+                 feature: str = "embedding", views=("sketch", "photo_pos", "photo_neg"), reduction: str = "view_sum"):
         super().__init__()
+        if reduction not in REDUCTIONS:
+            raise LossConfigError(f"loss.domain_grl.reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
         if schedule not in SCHEDULES:
             raise LossConfigError(f"loss.domain_grl.schedule must be one of {SCHEDULES}, got {schedule!r}")
         if schedule == "ramp" and not grl_threshold_epoch > 0:
@@ -93,4 +101,8 @@ class DomainAdversarialLoss(LossTerm):
                                          device=features.device) for v in present])
         logits = self.classifier(reverse_gradient(features, self.current_lambda(ctx))).squeeze(1)
         # sigmoid + BCE in one numerically stable op
-        return F.binary_cross_entropy_with_logits(logits.float(), is_photo)
+        losses = F.binary_cross_entropy_with_logits(logits.float(), is_photo, reduction="none")
+        if self.reduction == "mean":
+            return losses.mean()
+        sizes = [len(outputs[v][self.feature]) for v in present]
+        return sum(part.mean() for part in losses.split(sizes))

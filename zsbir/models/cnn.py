@@ -73,7 +73,14 @@ class CNNEncoder(Encoder):
             backbone.set_grad_checkpointing(enable)  # timm: checkpoints each stage
 
     def encode(self, images: torch.Tensor, domain: str) -> EncoderOutput:
-        pooled = self.backbone_for(domain)(images)
+        return self._heads(self.backbone_for(domain)(images))
+
+    def encode_mixed(self, images: torch.Tensor, domain_ids: torch.Tensor) -> EncoderOutput:
+        if self.sketch_backbone is not None:  # one tower per domain: each tower sees its own samples
+            return super().encode_mixed(images, domain_ids)
+        return self._heads(self.photo_backbone(images))  # one shared tower: one forward, joint BatchNorm
+
+    def _heads(self, pooled: torch.Tensor) -> EncoderOutput:
         embedding = self.embed(pooled)
         out = EncoderOutput(embedding=embedding, pooled=pooled)
         if self.cls_head is not None:

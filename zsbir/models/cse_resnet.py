@@ -181,7 +181,14 @@ class CSEResNetEncoder(Encoder):
         self.kd_head.bias.copy_(fc.bias)
 
     def encode(self, images: torch.Tensor, domain: str) -> EncoderOutput:
-        pooled = self.backbone(images, DOMAIN_TAGS[domain])
+        return self._heads(self.backbone(images, DOMAIN_TAGS[domain]))
+
+    def encode_mixed(self, images: torch.Tensor, domain_ids: torch.Tensor) -> EncoderOutput:
+        # One forward over the mixed batch, each sample's SE blocks conditioned on its own tag
+        # (SAKE train_cse_resnet_sketchy_ext.py:194-218): BatchNorm sees both domains together.
+        return self._heads(self.backbone(images, domain_ids.float()))
+
+    def _heads(self, pooled: torch.Tensor) -> EncoderOutput:
         embedding = self.embed(pooled)
         out = EncoderOutput(embedding=embedding, pooled=pooled, kd_logits=self.kd_head(embedding))
         if self.cls_head is not None:

@@ -5,7 +5,10 @@
 backbone has (`"pooled"` backbone features, `"cls_logits"` seen-class logits,
 `"kd_logits"` 1000-way distillation logits, `"tokens"` patch tokens, ...). Losses ask
 for the extras they need by name and fail with a clear message if the model lacks them.
-`domain` is "sketch" or "photo".
+`domain` is "sketch" or "photo" for a batch of one domain, or a (B,) tensor of domain ids
+(0 sketch, 1 photo; DOMAIN_IDS) for a batch that mixes both: the trainer's joint encoding
+(`model.encode: joint`), one forward over all views of a step as SAKE's and DSN's code do,
+so BatchNorm sees both domains in the same batch statistics.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from torch import nn
 from zsbir.errors import ZsbirError
 
 DOMAINS = ("sketch", "photo")
+DOMAIN_IDS = {"sketch": 0, "photo": 1}
+ENCODE_MODES = ("joint", "per_domain")  # model.encode: one encoder call per step, or one per domain
 
 # Normalisation constants by name; a model config picks one with `model.norm`.
 NORMALIZATION = {
@@ -56,10 +61,37 @@ class Encoder(nn.Module):
     def encode(self, images: torch.Tensor, domain: str) -> EncoderOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, domain: str) -> EncoderOutput:
+    def forward(self, images: torch.Tensor, domain: str | torch.Tensor) -> EncoderOutput:
+        if torch.is_tensor(domain):
+            if domain.shape != images.shape[:1]:
+                raise ValueError(f"per-sample domain ids must have shape ({len(images)},), got {tuple(domain.shape)}")
+            return self.encode_mixed(images, domain)
         if domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
         return self.encode(images, domain)
+
+    def encode_mixed(self, images: torch.Tensor, domain_ids: torch.Tensor) -> EncoderOutput:
+        """Encode a batch that mixes domains (per-sample ids, 0 sketch / 1 photo).
+
+        This fallback encodes each domain's samples separately and puts the outputs back in
+        batch order: exact for models without batch statistics (ViTs: LayerNorm only).
+        Models whose layers depend on the batch (BatchNorm CNNs) override it with one forward.
+        """
+        parts = {name: torch.nonzero(domain_ids == i).squeeze(1) for name, i in DOMAIN_IDS.items()}
+        parts = {name: rows for name, rows in parts.items() if len(rows)}
+        if len(parts) == 1:
+            return self.encode(images, next(iter(parts)))
+        outs = {name: self.encode(images[rows], name) for name, rows in parts.items()}
+        merged = EncoderOutput()
+        for key, first in outs["sketch"].items():
+            if torch.is_tensor(first) and first.shape[:1] == parts["sketch"].shape:
+                value = first.new_empty((len(images), *first.shape[1:]))
+                for name, rows in parts.items():
+                    value[rows] = outs[name][key]
+                merged[key] = value
+            else:  # not per sample (e.g. a scalar): shared
+                merged[key] = first
+        return merged
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; frozen parameters are never included."""
@@ -95,6 +127,7 @@ def build_encoder(model_cfg, num_seen_classes: int) -> Encoder:
 
     cfg = OmegaConf.to_container(model_cfg, resolve=True)
     cfg.pop("name", None)  # the preset's label, not a constructor argument
+    cfg.pop("encode", None)  # read by the trainer (joint | per_domain encoding of a step's views)
     try:
         encoder = instantiate(cfg, num_classes=num_seen_classes, _convert_="all")
     except InstantiationException as error:

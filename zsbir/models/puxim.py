@@ -90,6 +90,9 @@ class PuXIMEncoder(Encoder):
     def encode(self, images: torch.Tensor, domain: str) -> EncoderOutput:
         return self._output(self._features(images, None))
 
+    def encode_mixed(self, images: torch.Tensor, domain_ids: torch.Tensor) -> EncoderOutput:
+        return self.encode(images, "photo")  # one ViT for both domains, which it does not read
+
     def encode_masked(self, images: torch.Tensor, domain: str, keep_index: torch.Tensor) -> EncoderOutput:
         """Encode only the patches `keep_index` (B x k, patch indices in row-major grid order)."""
         n_patches = self.patch_grid[0] * self.patch_grid[1]
