@@ -5,7 +5,9 @@
 backbone has (`"pooled"` backbone features, `"cls_logits"` seen-class logits,
 `"kd_logits"` 1000-way distillation logits, `"tokens"` patch tokens, ...). Losses ask
 for the extras they need by name and fail with a clear message if the model lacks them.
-`domain` is "sketch" or "photo".
+`domain` is "sketch" or "photo" for a batch of one domain, or a 1-D integer tensor with
+each sample's domain as an index into `DOMAINS` (0 sketch, 1 photo) for a mixed batch;
+`domain_indices` turns either into the tensor.
 """
 from __future__ import annotations
 
@@ -24,6 +26,21 @@ NORMALIZATION = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+
+
+def domain_indices(domain: str | torch.Tensor, batch_size: int, device=None) -> torch.Tensor:
+    """Each sample's domain as an index into DOMAINS (a long tensor of length `batch_size`)."""
+    if isinstance(domain, str):
+        if domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+        return torch.full((batch_size,), DOMAINS.index(domain), dtype=torch.long, device=device)
+    if not torch.is_tensor(domain) or domain.dtype.is_floating_point or domain.shape != (batch_size,):
+        raise ValueError(f"per-sample domains must be an integer tensor of shape ({batch_size},) with values "
+                         f"indexing {DOMAINS}; got {domain!r}")
+    if len(domain) and not bool(((domain >= 0) & (domain < len(DOMAINS))).all()):
+        raise ValueError(f"per-sample domains must index {DOMAINS} (0..{len(DOMAINS) - 1}); got values "
+                         f"{sorted(set(domain.tolist()))}")
+    return domain.to(device=device, dtype=torch.long)
 
 
 class EncoderOutput(dict):
@@ -52,13 +69,16 @@ class Encoder(nn.Module):
 
     embed_dim: int
     norm: str = "imagenet"
+    per_sample_domains: bool = False  # True: `encode` also takes a per-sample domain tensor (mixed batches)
 
     def encode(self, images: torch.Tensor, domain: str) -> EncoderOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, domain: str) -> EncoderOutput:
-        if domain not in DOMAINS:
-            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    def forward(self, images: torch.Tensor, domain: str | torch.Tensor) -> EncoderOutput:
+        domain_indices(domain, len(images), images.device)  # validates either form
+        if not isinstance(domain, str) and not self.per_sample_domains:
+            raise UnsupportedModelOption(f"{type(self).__name__} encodes one domain per call; pass domain='sketch' "
+                                         "or 'photo' (per-sample domain tensors: model=small_cnn / resnet50)")
         return self.encode(images, domain)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
