@@ -26,7 +26,7 @@ def test_the_tree_has_the_documented_groups():
 
 def test_default_config_composes(compose_cfg):
     cfg = compose_cfg()
-    assert cfg.data.name == "synthetic" and cfg.model.name == "small_cnn" and list(cfg.loss) == ["triplet", "triplet_hard"]
+    assert cfg.data.name == "synthetic" and cfg.model.name == "small_cnn" and list(cfg.loss) == ["triplet", "triplet_hard", "ce"]
     OmegaConf.resolve(cfg)  # every interpolation resolves
 
 

@@ -1,4 +1,5 @@
-"""Benchmarks: `python -m zsbir.bench eval [...]` and `python -m zsbir.bench train model=... [...]`.
+"""Benchmarks: `python -m zsbir.bench eval [...]`, `python -m zsbir.bench train model=... [...]` and
+`python -m zsbir.bench seeds [overrides] --seeds 0-9` (zsbir/bench_seeds.py: the job over several seeds).
 
 `eval` times the evaluation engine (`zsbir.eval.metrics.retrieval_metrics`) against the
 papers' approach (`zsbir.eval.reference`) on random features with class structure, in
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from zsbir.bench_seeds import add_seeds_parser
 
 # Split sizes of docs/metrics.md ("Scale"); d = 512 and 30 unseen classes for both.
 PRESETS = {
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(commands)
     add_train_parser(commands)
+    add_seeds_parser(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ for the extras they need by name and fail with a clear message if the model lack
 (0 sketch, 1 photo; DOMAIN_IDS) for a batch that mixes both: the trainer's joint encoding
 (`model.encode: joint`), one forward over all views of a step as SAKE's and DSN's code do,
 so BatchNorm sees both domains in the same batch statistics.
+`domain_indices` turns either form into the tensor.
 """
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ NORMALIZATION = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+
+
+def domain_indices(domain: str | torch.Tensor, batch_size: int, device=None) -> torch.Tensor:
+    """Each sample's domain as an index into DOMAINS (a long tensor of length `batch_size`)."""
+    if isinstance(domain, str):
+        if domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+        return torch.full((batch_size,), DOMAINS.index(domain), dtype=torch.long, device=device)
+    if not torch.is_tensor(domain) or domain.dtype.is_floating_point or domain.shape != (batch_size,):
+        raise ValueError(f"per-sample domains must be an integer tensor of shape ({batch_size},) with values "
+                         f"indexing {DOMAINS}; got {domain!r}")
+    if len(domain) and not bool(((domain >= 0) & (domain < len(DOMAINS))).all()):
+        raise ValueError(f"per-sample domains must index {DOMAINS} (0..{len(DOMAINS) - 1}); got values "
+                         f"{sorted(set(domain.tolist()))}")
+    return domain.to(device=device, dtype=torch.long)
 
 
 class EncoderOutput(dict):
