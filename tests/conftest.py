@@ -11,7 +11,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 
-SHARED_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "splits"
+# The public split files: ../shared/splits beside the clone (CI), or $ZSBIR_SHARED_SPLITS (a worktree elsewhere).
+SHARED_SPLITS = Path(os.environ.get("ZSBIR_SHARED_SPLITS") or Path(__file__).resolve().parents[2] / "shared" / "splits")
 
 
 @pytest.fixture(scope="session", autouse=True)
