@@ -120,7 +120,7 @@ def open_wordnet(root: str | Path | None = None):
         try:
             from nltk.corpus import wordnet
 
-            wordnet.ensure_loaded()
+            wordnet.get_version()  # loads the lazy corpus: LookupError when nltk has none
         except LookupError as err:
             raise ClassMaskError(
                 f"WordNet 3.0 not found: no database files in {root} and no nltk corpus. Install Debian's "

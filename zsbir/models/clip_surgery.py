@@ -64,7 +64,7 @@ def surgery_tokens(visual: nn.Module, images: torch.Tensor, depth: int = SURGERY
 
     Token 0 is the CLS from the original path (equal to the plain CLIP image embedding
     before normalisation), the others the v-v path's patch tokens; both after ln_post and
-    proj. depth=0 gives the plain CLIP tokens.
+    proj. depth=0 gives the plain CLIP tokens; a depth beyond the model's blocks means all of them.
     """
     blocks = list(visual.transformer.resblocks)
     depth = max(0, min(int(depth), len(blocks)))
