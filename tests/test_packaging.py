@@ -46,3 +46,9 @@ def test_installed_wheel_finds_and_composes_its_configs(wheel, tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0].startswith(str(site)) and result.stdout.split()[1] == "resnet50"
+
+
+def test_wheel_carries_the_class_masks(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"zsbir/data/class_masks/{p.name}" for p in (REPO / "zsbir/data/class_masks").glob("*.json")}
+    assert len(shipped) == 4 and shipped <= names

@@ -39,9 +39,9 @@ def test_most_relevant_keeps_exactly_the_top_scores():
     assert most_relevant(tied, 5).tolist() == [[0, 1, 2, 3, 4]]  # ties go to the lower index
 
 
-def test_vxl_keeps_the_patches_most_relevant_to_each_photos_class():
+def test_vxl_plain_scoring_keeps_the_patches_most_relevant_to_each_photos_class():
     """Relevance known by construction: each class's text embedding IS one chosen patch's feature."""
-    sampler = tiny_sampler(0.7)
+    sampler = VxLSampler(pretrained=None, image_size=32, tiny=True, scoring="plain", text_template="a photo of a {}")
     assert sampler.grid == (4, 4) and sampler.n_keep == 5
     torch.manual_seed(0)
     images = torch.randn(3, 3, 32, 32)
@@ -51,7 +51,7 @@ def test_vxl_keeps_the_patches_most_relevant_to_each_photos_class():
         features = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1)  # 3 x 16 x d
     chosen = [2, 13, 7]  # the patch whose feature becomes the text of photo i's class
     names = ["class_a", "class_b", "class_c"]
-    sampler._text[tuple(names)] = torch.stack([features[i, p] for i, p in enumerate(chosen)])
+    sampler._text[tuple(f"a photo of a class {c}" for c in "abc")] = torch.stack([features[i, p] for i, p in enumerate(chosen)])
     labels = torch.tensor([0, 1, 2])
     relevance = sampler.relevance(images, sampler.text_embeddings(names)[labels])
     assert torch.allclose(relevance[torch.arange(3), torch.tensor(chosen)], torch.ones(3), atol=1e-5)

@@ -10,10 +10,15 @@ teacher is the frozen ImageNet SE-ResNet-50 seeing the same photo images, and M 
 `cid_mask`: for each seen class y a 1000-d WordNet similarity to the ImageNet classes,
 which raises the target probability of ImageNet classes related to the photo's class.
 
-`cid_mask.pickle` ships inside SAKE's dataset folders, next to the split files. It is a
-pickle, so it is read with a restricted unpickler that admits numpy arrays and plain
+`mask: wordnet` (the default) takes M from the tables that ship in the package
+(zsbir/data/class_masks/, one per split folder: Sketchy split 1 and 2, TU-Berlin,
+QuickDraw), rebuilt from WordNet 3.0 with SAKE's procedure (zsbir/data/wordnet_masks.py;
+identical to SAKE's pickles where SAKE ships them). SAKE's own `cid_mask.pickle` (in its
+dataset folders) still works: `mask: cid_mask.pickle` (relative: in the split folder). It
+is a pickle, so it is read with a restricted unpickler that admits numpy arrays and plain
 containers only (never plain `pickle.load`); a converted `.npy` (C x 1000, row = class
-id) works too. `kdneg: 0` or `mask: null` turns the class-similarity part off.
+id) or a `.json` table from `python -m zsbir.data.wordnet_masks` works too. `kdneg: 0` or
+`mask: null` turns the class-similarity part off.
 """
 from __future__ import annotations
 
@@ -25,12 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsbir.data.wordnet_masks import ClassMaskError, load_table, packaged_mask
 from zsbir.losses.base import PHOTO_VIEWS, LossConfigError, LossContext, LossTerm, check_views, gather_labelled
 from zsbir.models.encoder import NORMALIZATION
 
 log = logging.getLogger(__name__)
 
 IMAGENET_CLASSES = 1000
+# loss.distill.mask value for the masks rebuilt from WordNet that ship with the package
+PACKAGED_MASK = "wordnet"
 
 # What a cid_mask pickle may contain: numpy arrays / scalars and plain Python containers.
 _SAFE_GLOBALS = {
@@ -50,6 +58,12 @@ class _ArrayUnpickler(pickle.Unpickler):
                                      "numpy arrays and plain containers")
 
 
+def read_mask_pickle(path: Path):
+    """The content of a class-mask pickle, through the restricted unpickler (never plain pickle.load)."""
+    with Path(path).open("rb") as handle:
+        return _ArrayUnpickler(handle, encoding="latin1").load()
+
+
 def load_class_mask(path: str | Path, num_classes: int) -> torch.Tensor:
     """SAKE's cid_mask as a (num_classes x 1000) float tensor; row y = seen class id y.
 
@@ -58,11 +72,7 @@ def load_class_mask(path: str | Path, num_classes: int) -> torch.Tensor:
     """
     path = Path(path)
     try:
-        if path.suffix == ".npy":
-            content = np.load(path, allow_pickle=False)
-        else:
-            with path.open("rb") as handle:
-                content = _ArrayUnpickler(handle, encoding="latin1").load()
+        content = np.load(path, allow_pickle=False) if path.suffix == ".npy" else read_mask_pickle(path)
     except (OSError, pickle.UnpicklingError, ValueError, EOFError) as err:
         raise LossConfigError(f"cannot read the distillation class mask {path}: {err}") from err
     if isinstance(content, dict):
@@ -116,6 +126,9 @@ class DistillationLoss(LossTerm):
     def _ensure_mask(self, ctx: LossContext) -> None:
         if self.mask_path is None or self.class_mask is not None:
             return
+        if self.mask_path == PACKAGED_MASK:
+            self._packaged_mask(ctx)
+            return
         path = Path(self.mask_path).expanduser()
         in_split_dir = not path.is_absolute() and ctx.extras.get("split_dir") is not None
         if in_split_dir:
@@ -133,8 +146,29 @@ class DistillationLoss(LossTerm):
                 "loss.distill.mask at it, or turn the class-similarity term off with loss.distill.mask=null "
                 "(or loss.distill.kdneg=0)"
             )
-        self.class_mask = load_class_mask(path, len(ctx.extras["class_names"]))
+        if path.suffix == ".json":  # a table written by python -m zsbir.data.wordnet_masks
+            self.class_mask = self._wordnet_table(lambda names: load_table(path, names), ctx)
+        else:
+            self.class_mask = load_class_mask(path, len(ctx.extras["class_names"]))
         log.info("loss.distill: class mask %s (%d x %d), kdneg %.3g", path, *self.class_mask.shape, self.kdneg)
+
+    def _packaged_mask(self, ctx: LossContext) -> None:
+        """mask: wordnet -> the WordNet mask shipped for this split folder (zsbir/data/class_masks)."""
+        if ctx.extras.get("synthetic") or ctx.extras.get("split_dir") is None:
+            log.info("loss.distill: the synthetic benchmark has no class mask; training without the kdneg term")
+            self.mask_path = None
+            return
+        split_dir = ctx.extras["split_dir"]
+        self.class_mask = self._wordnet_table(lambda names: packaged_mask(split_dir, names), ctx)
+        log.info("loss.distill: packaged WordNet class mask of %s (%d x %d), kdneg %.3g", split_dir,
+                 *self.class_mask.shape, self.kdneg)
+
+    @staticmethod
+    def _wordnet_table(load, ctx: LossContext) -> torch.Tensor:
+        try:
+            return torch.from_numpy(load(list(ctx.extras["class_names"])).astype(np.float32))
+        except ClassMaskError as err:
+            raise LossConfigError(f"loss.distill.mask: {err}") from None
 
     def _teacher_input(self, images: torch.Tensor, student_norm: str) -> torch.Tensor:
         """Re-normalise the student-normalised photos for the teacher when the norms differ."""

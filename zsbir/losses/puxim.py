@@ -47,17 +47,19 @@ class PurifiedPhotosTerm(LossTerm):
     def __init__(self, vxl: dict | None = None, cache_masks: bool = True, data_augment: str = "none",
                  tiny: bool = False):
         super().__init__()
-        settings = {"arch": "ViT-B-16", "pretrained": "openai", "image_size": 224, "mask_ratio": 0.7,
-                    "text_template": "a photo of a {}", **(vxl or {})}
-        unknown = set(settings) - {"arch", "pretrained", "image_size", "mask_ratio", "text_template"}
+        defaults = {"arch": "ViT-B-16", "pretrained": "openai", "image_size": 224, "mask_ratio": 0.7,
+                    "text_template": "{}", "scoring": "surgery", "surgery_blocks": 6, "redundant_text": "a"}
+        settings = {**defaults, **(vxl or {})}
+        unknown = set(settings) - set(defaults)
         if unknown:
-            raise LossConfigError(f"loss.{self.name}.vxl has unknown keys {sorted(unknown)}; known: arch, pretrained, "
-                                  "image_size, mask_ratio, text_template")
+            raise LossConfigError(f"loss.{self.name}.vxl has unknown keys {sorted(unknown)}; known: "
+                                  f"{', '.join(defaults)}")
         if tiny and settings["pretrained"] is not None and local_weights_path(settings["pretrained"]) is None:
             # model.tiny=true (debug=smoke) shrinks the VxL CLIP too; a weights tag cannot fit it
             settings["pretrained"] = None
         settings["image_size"] = int(settings["image_size"])
         settings["mask_ratio"] = float(settings["mask_ratio"])
+        settings["surgery_blocks"] = int(settings["surgery_blocks"])
         # Kept outside the module tree: frozen, so neither trained nor written into checkpoints.
         self._sampler = (self._build_sampler(settings, bool(tiny)),)
         self.cache_masks = bool(cache_masks) and data_augment in DETERMINISTIC_AUGMENT

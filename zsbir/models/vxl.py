@@ -1,15 +1,21 @@
 """PuXIM's VxL sampler: which photo patches are relevant to the photo's class.
 
 A frozen CLIP ViT-B/16 (open_clip `ViT-B-16` with QuickGELU and the OpenAI weights)
-scores every patch of a photo against the text embedding of its class, the
-CLIP-Surgery-style patch-text similarity:
+scores every patch of a photo against the text of its class. `scoring: surgery` (the
+default, as PuXIM's official code, which loads CLIP Surgery's `CS-ViT-B/16`) uses CLIP
+Surgery (zsbir/models/clip_surgery.py): the v-v attention path in the last 6 blocks gives
+the patch tokens, and feature surgery removes what the class text shares with a neutral
+text ("a"):
 
-    relevance(p) = cos( ln_post(z_p) @ W_proj , t_y ),   t_y = text("a photo of a {y}")
+    relevance(p) = feature_surgery(tokens, [text("a"), text(y)])[p, y]
 
-where z_p is the last-layer output token of patch p, ln_post and W_proj are the layers
-CLIP applies to its CLS token (so patches land in the joint image-text space), and t_y
-is the text tower's embedding of the class name (`_` and `-` read as spaces). The
-`round((1 - mask_ratio) * patches)` most relevant patches are kept (at least one; ties
+with tokens L2-normalised after ln_post and proj. `scoring: plain` is the plain CLIP
+patch-text cosine (last-layer tokens, ln_post and proj, no surgery):
+
+    relevance(p) = cos( ln_post(z_p) @ W_proj , t_y )
+
+Class texts are `text_template` filled with the class name (`_` and `-` read as spaces).
+The `round((1 - mask_ratio) * patches)` most relevant patches are kept (at least one; ties
 go to the lower patch index), the rest are masked. Everything runs under no-grad; the
 CLIP model is never trained and never saved in checkpoints.
 
@@ -26,6 +32,7 @@ from typing import Hashable
 import torch
 
 from zsbir.errors import ZsbirError
+from zsbir.models.clip_surgery import SURGERY_DEPTH, feature_surgery, surgery_tokens
 from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
 from zsbir.models.encoder import NORMALIZATION
 from zsbir.models.weights import local_weights_path, open_clip_checkpoint
@@ -58,13 +65,24 @@ def most_relevant(relevance: torch.Tensor, n_keep: int) -> torch.Tensor:
     return order[:, :n_keep].sort(dim=1).values
 
 
+SCORINGS = ("surgery", "plain")
+
+
 class VxLSampler:
     def __init__(self, arch: str = "ViT-B-16", pretrained: str | None = "openai", image_size: int = 224,
-                 mask_ratio: float = 0.7, text_template: str = "a photo of a {}", tiny: bool = False):
+                 mask_ratio: float = 0.7, text_template: str = "{}", tiny: bool = False, scoring: str = "surgery",
+                 surgery_blocks: int = SURGERY_DEPTH, redundant_text: str = "a"):
         import open_clip
 
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise VxLConfigError(f"vxl.mask_ratio must be in [0, 1) (the fraction of patches masked), got {mask_ratio}")
+        if scoring not in SCORINGS:
+            raise VxLConfigError(f"vxl.scoring must be one of {list(SCORINGS)} (surgery: CLIP Surgery as PuXIM's "
+                                 f"official code; plain: plain CLIP patch-text cosine), got {scoring!r}")
+        if int(surgery_blocks) < 1:
+            raise VxLConfigError(f"vxl.surgery_blocks must be at least 1 (the official CS-ViT-B/16 uses "
+                                 f"{SURGERY_DEPTH}; scoring=plain turns the surgery off), got {surgery_blocks}")
+        self.scoring, self.surgery_blocks, self.redundant_text = scoring, int(surgery_blocks), redundant_text
         if tiny:
             if pretrained is not None and local_weights_path(pretrained) is None:
                 raise VxLConfigError(f"vxl.tiny=true builds a shrunk random CLIP; the tag {pretrained!r} does not fit "
@@ -99,24 +117,33 @@ class VxLSampler:
         return self.model.logit_scale.device
 
     @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings of the given strings, as they are (cached)."""
+        key = tuple(texts)
+        if key not in self._text:
+            self._text[key] = self.model.encode_text(self.tokenizer(list(texts)).to(self._device()), normalize=True)
+        return self._text[key]
+
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings of the template filled with each class name."""
-        key = tuple(class_names)
-        if key not in self._text:
-            texts = [self.text_template.format(n.replace("_", " ").replace("-", " ")) for n in class_names]
-            self._text[key] = self.model.encode_text(self.tokenizer(texts).to(self._device()), normalize=True)
-        return self._text[key]
+        return self.encode_texts([self.text_template.format(n.replace("_", " ").replace("-", " ")) for n in class_names])
 
     @torch.no_grad()
     def relevance(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Cosine of every patch (ln_post + proj) with its image's text embedding: B x patches.
+        """Relevance of every patch to its image's class text: B x patches (see the module docstring).
 
-        `images` are CLIP-normalised; `text` holds one L2-normalised embedding per image.
+        `images` are CLIP-normalised; `text` holds one L2-normalised class embedding per image.
         """
         visual = self.model.visual
-        _, tokens = visual(images.to(self._device(), visual.conv1.weight.dtype))
-        patches = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1)
-        return torch.einsum("bpd,bd->bp", patches.float(), text.float().to(patches.device))
+        images = images.to(self._device(), visual.conv1.weight.dtype)
+        text = text.float().to(self._device())
+        if self.scoring == "plain":
+            _, tokens = visual(images)
+            patches = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1)
+            return torch.einsum("bpd,bd->bp", patches.float(), text)
+        tokens = torch.nn.functional.normalize(surgery_tokens(visual, images, self.surgery_blocks).float(), dim=-1)
+        neutral = self.encode_texts([self.redundant_text]).float().expand(len(text), -1)
+        return feature_surgery(tokens, torch.stack([neutral, text], dim=1))[:, 1:, 1]
 
     @torch.no_grad()
     def keep_index(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
@@ -153,6 +180,8 @@ class VxLSampler:
 
 @functools.lru_cache(maxsize=4)
 def shared_sampler(arch: str, pretrained: str | None, image_size: int, mask_ratio: float, text_template: str,
-                   tiny: bool) -> VxLSampler:
+                   tiny: bool, scoring: str = "surgery", surgery_blocks: int = SURGERY_DEPTH,
+                   redundant_text: str = "a") -> VxLSampler:
     """One sampler per distinct setting, shared by the loss terms that use it."""
-    return VxLSampler(arch, pretrained, image_size, mask_ratio, text_template, tiny)
+    return VxLSampler(arch, pretrained, image_size, mask_ratio, text_template, tiny, scoring, surgery_blocks,
+                      redundant_text)
