@@ -97,3 +97,9 @@ def test_slurm_job_state_reads_scontrol(tmp_path, monkeypatch):
     assert preemption.slurm_job_state() == "CANCELLED"
     fake.write_text("#!/bin/sh\nexit 1\n")  # controller unreachable: unknown, the requeue is still tried
     assert preemption.slurm_job_state() is None
+
+
+def test_ctrl_c_is_never_turned_into_a_requeue(submitit_job):
+    requeue = signal.getsignal(signal.SIGUSR2)
+    assert preemption.requeue_handler(signal.SIGINT, {signal.SIGUSR2: requeue}) is None
+    assert preemption.requeue_handler(signal.SIGTERM, {signal.SIGUSR2: requeue}) == (signal.SIGUSR2, requeue)

@@ -115,6 +115,8 @@ def requeue_handler(received: signal.Signals | None, previous: dict) -> tuple[si
     (also on a rank stopped by another rank's signal). Otherwise the handler that was
     installed before training for the signal received, if any.
     """
+    if received == signal.SIGINT:  # Ctrl-C: the user stops the run, nothing to requeue
+        return None
     requeue_sig = submitit_signal()
     if requeue_sig is not None and callable(previous.get(requeue_sig)):
         return requeue_sig, previous[requeue_sig]
