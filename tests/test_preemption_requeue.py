@@ -65,13 +65,15 @@ def test_outside_a_submitit_job_nothing_is_added(monkeypatch):
     assert preemption.requeue_handler(signal.SIGTERM, {signal.SIGTERM: signal.SIG_DFL}) is None
 
 
-def test_a_cancelled_job_is_not_requeued(submitit_job, monkeypatch):
-    monkeypatch.setattr(preemption, "slurm_job_state", lambda: "CANCELLED")
+@pytest.mark.parametrize("state, requeued", [("RUNNING", True), ("COMPLETING", False), ("CANCELLED", False)])
+def test_only_a_job_slurm_still_runs_is_requeued(submitit_job, monkeypatch, state, requeued):
+    """`scancel -s TERM` leaves the job RUNNING; `scancel <job>` (also SIGTERM) makes it COMPLETING."""
+    monkeypatch.setattr(preemption, "slurm_job_state", lambda: state)
     with PreemptionHandler() as handler:
         os.kill(os.getpid(), signal.SIGTERM)
         with pytest.raises(PreemptedError, match="stopped by SIGTERM"):
             handler.stop("at step 1")
-    assert submitit_job == []
+    assert submitit_job == ([("requeue", signal.SIGUSR2)] if requeued else [])
 
 
 def test_a_refused_requeue_stops_with_exit_75(submitit_job):

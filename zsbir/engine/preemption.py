@@ -130,12 +130,16 @@ def call_launcher_handler(hand_over: tuple[signal.Signals, Callable], where: str
 
     submitit's handler requeues the job (`scontrol requeue`) and exits the process; it raises
     when the job may not be requeued any more (time-outs beyond max_num_timeout), which ends
-    the job as failed. A job the user cancelled (`scancel` without `-s`, which also sends
-    SIGTERM) is meant to end: SLURM would still requeue it, so it is not asked to.
+    the job as failed. Only a job SLURM still runs is requeued: a signal alone (`scancel -s`,
+    the time-limit warning) leaves it RUNNING, while a cancelled job (`scancel <job>`, which
+    sends SIGTERM too) is already COMPLETING and meant to end -- `scontrol requeue` would
+    still bring it back. A job SLURM preempts with PreemptMode=REQUEUE is requeued by SLURM.
     """
     sig, handler = hand_over
-    if slurm_job_state() == "CANCELLED":
-        log.warning("%s: the SLURM job was cancelled (scancel): not requeued", where)
+    state = slurm_job_state()
+    if state not in (None, "RUNNING"):
+        log.warning("%s: the SLURM job is ending (JobState=%s: cancelled, or stopped by SLURM itself): not requeued",
+                    where, state)
         return
     log.warning("%s: handing over to the launcher's %s handler (requeue)", where, sig.name)
     try:
