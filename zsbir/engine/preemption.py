@@ -9,11 +9,18 @@ EX_TEMPFAIL: "try again later"). A job script requeues on that code, and re-runn
 same command in the same run directory resumes:
 
     srun python -m zsbir.train ... hydra.run.dir=$RUN_DIR
-    [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID
+    status=$?
+    if [ $status -eq 75 ]; then scontrol requeue $SLURM_JOB_ID; fi
+    exit $status
 
-When a launcher had installed its own handler for the signal (submitit does, for its
-checkpoint-and-requeue), that handler is called after `last.pt` is saved instead of
-raising, so the launcher's requeue still happens.
+When a launcher had installed its own handler for the signal, that handler is called
+after `last.pt` is saved instead of raising, so the launcher's requeue still happens.
+Inside a submitit job (`launcher=slurm_*`) every stop signal -- SIGTERM, SIGUSR1 and
+submitit's own (SIGUSR2, `SUBMITIT_PREEMPT_SIGNAL`) -- ends in submitit's
+checkpoint-and-requeue handler once `last.pt` is saved: submitit only binds that handler to
+its own signal and ignores SIGTERM, so a `scancel -s USR1|TERM` would otherwise end the job
+with exit 75 and no requeue, and the launching process would wait for a result that never
+comes (`requeue_handler`).
 
 SIGINT (Ctrl-C) is handled the same way: `last.pt` is saved and the run stops with one
 line and exit code 130; a second Ctrl-C stops at once (KeyboardInterrupt). `scancel`,
@@ -25,7 +32,9 @@ turning the clean stop into "DataLoader worker ... is killed by signal".
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import threading
 from typing import Callable
 
@@ -58,8 +67,8 @@ class PreemptionHandler:
     the previous ones are restored on exit.
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS):
-        self.signals = signals
+    def __init__(self, signals: tuple[signal.Signals, ...] | None = None):
+        self.signals = signals if signals is not None else preemption_signals()
         self.received: signal.Signals | None = None
         self._announced = False
         self.previous: dict[signal.Signals, Callable | int | None] = {}
@@ -93,12 +102,10 @@ class PreemptionHandler:
     def stop(self, where: str) -> None:
         """Called once the state is saved: hand over to the launcher's handler, or raise PreemptedError."""
         sig = self.received  # None on a rank that stops because another rank was signalled
-        previous = self.previous.get(sig) if sig else None
+        hand_over = requeue_handler(sig, self.previous)
         self.__exit__()
-        # Python's own Ctrl-C handler (KeyboardInterrupt) is not a launcher's: ours replaces it.
-        if callable(previous) and previous is not signal.default_int_handler:
-            log.warning("%s: handing over to the previously installed %s handler", where, sig.name)
-            previous(int(sig), None)
+        if hand_over is not None:
+            call_launcher_handler(hand_over, where)
         cause = sig.name if sig else "a signal to another rank"
         if sig == signal.SIGINT:
             error = PreemptedError(f"stopped by {cause} {where}. Re-run the same command with the same "
@@ -109,3 +116,76 @@ class PreemptionHandler:
             f"stopped by {cause} {where}. Re-run the same command with the same run directory "
             f"(hydra.run.dir=...) to resume; exit code {EXIT_PREEMPTED} means 'preempted, requeue me'"
         )
+
+
+def submitit_signal() -> signal.Signals | None:
+    """The signal submitit's requeue handler is bound to, when this process is a submitit job."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    # submitit's default and its override (JobEnvironment.USR_SIG); hydra-submitit-launcher's
+    # signal_delay_s asks SLURM to send it (--signal=USR2@<delay>) before the time limit.
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, f"SIG{name}", None)
+
+
+def preemption_signals() -> tuple[signal.Signals, ...]:
+    """SIGTERM and SIGUSR1, plus submitit's requeue signal inside a submitit job.
+
+    Catching submitit's signal too means its handler runs after `last.pt` is saved instead of
+    in the middle of a step (which would lose the work since the last periodic save).
+    """
+    extra = submitit_signal()
+    return PREEMPTION_SIGNALS + ((extra,) if extra is not None and extra not in PREEMPTION_SIGNALS else ())
+
+
+def requeue_handler(received: signal.Signals | None, previous: dict) -> tuple[signal.Signals, Callable] | None:
+    """The launcher's handler to call once `last.pt` is saved, with the signal to pass it.
+
+    In a submitit job: submitit's checkpoint-and-requeue, whichever signal stopped the run
+    (also on a rank stopped by another rank's signal). Otherwise the handler that was
+    installed before training for the signal received, if any.
+    """
+    if received == signal.SIGINT:  # Ctrl-C: the user stops the run, nothing to requeue
+        return None
+    requeue_sig = submitit_signal()
+    if requeue_sig is not None and callable(previous.get(requeue_sig)):
+        return requeue_sig, previous[requeue_sig]
+    if received is not None and callable(previous.get(received)):
+        return received, previous[received]
+    return None
+
+
+def call_launcher_handler(hand_over: tuple[signal.Signals, Callable], where: str) -> None:
+    """Run the launcher's handler; a refused requeue falls back to exit 75 (PreemptedError).
+
+    submitit's handler requeues the job (`scontrol requeue`) and exits the process; it raises
+    when the job may not be requeued any more (time-outs beyond max_num_timeout), which ends
+    the job as failed. Only a job SLURM still runs is requeued: a signal alone (`scancel -s`,
+    the time-limit warning) leaves it RUNNING, while a cancelled job (`scancel <job>`, which
+    sends SIGTERM too) is already COMPLETING and meant to end -- `scontrol requeue` would
+    still bring it back. A job SLURM preempts with PreemptMode=REQUEUE is requeued by SLURM.
+    """
+    sig, handler = hand_over
+    state = slurm_job_state()
+    if state not in (None, "RUNNING"):
+        log.warning("%s: the SLURM job is ending (JobState=%s: cancelled, or stopped by SLURM itself): not requeued",
+                    where, state)
+        return
+    log.warning("%s: handing over to the launcher's %s handler (requeue)", where, sig.name)
+    try:
+        handler(int(sig), None)
+    except subprocess.CalledProcessError as err:
+        log.warning("the launcher could not requeue the job (%s); stopping without a requeue", err)
+
+
+def slurm_job_state() -> str | None:
+    """This SLURM job's state (RUNNING, CANCELLED, ...) from `scontrol`; None outside SLURM or when unknown."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((field.split("=", 1)[1] for field in out.split() if field.startswith("JobState=")), None)
