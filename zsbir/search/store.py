@@ -83,7 +83,7 @@ def make_index(params: IndexParams, vectors: np.ndarray):
         if n < nlist:
             raise SearchIndexError(f"an ivf index with nlist={nlist} needs at least {nlist} photos to train on, got {n}; "
                               "use index.kind=exact (small galleries are searched exactly in well under a millisecond)")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         train = vectors
         if n > 256 * nlist:  # k-means converges on a sample; all vectors would only cost time
             train = vectors[np.random.default_rng(params.seed).choice(n, 256 * nlist, replace=False)]
