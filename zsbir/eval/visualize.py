@@ -22,6 +22,7 @@ from zsbir.eval.retrieval import Embeddings, ranked_gallery
 GREEN = (0, 170, 0)
 RED = (220, 0, 0)
 QUERY_GREY = (128, 128, 128)
+UNKNOWN_GREY = (200, 200, 200)  # a photo whose relevance is unknown (a user's sketch has no class)
 BACKGROUND = (255, 255, 255)
 CAPTION_HEIGHT = 16
 GAP = 4  # pixels between tiles
@@ -72,14 +73,15 @@ def write_retrieval_grids(embeddings: Embeddings, root: str | Path, query_list: 
     return paths
 
 
-def draw_grid(sketch: Image.Image, photos: list[Image.Image], relevant: list[bool], tile: int,
+def draw_grid(sketch: Image.Image, photos: list[Image.Image], relevant: list[bool | None], tile: int,
               caption: str = "") -> Image.Image:
-    """The query sketch (grey frame) then the photos (green: query's class, red: other class)."""
+    """The query sketch (grey frame) then the photos (green: query's class, red: other class,
+    light grey: unknown)."""
     width = (1 + len(photos)) * (tile + GAP) - GAP
     canvas = Image.new("RGB", (width, CAPTION_HEIGHT + tile), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 2), caption, fill=(0, 0, 0))
-    tiles = [(sketch, WHITE, QUERY_GREY)] + [(p, None, GREEN if hit else RED) for p, hit in zip(photos, relevant)]
+    tiles = [(sketch, WHITE, QUERY_GREY)] + [(p, None, frame_colour(hit)) for p, hit in zip(photos, relevant)]
     border = frame_width(tile)
     for position, (image, pad_fill, colour) in enumerate(tiles):
         left, top, right, bottom = tile_box(position, tile)
@@ -89,6 +91,10 @@ def draw_grid(sketch: Image.Image, photos: list[Image.Image], relevant: list[boo
         thumb = PadToSquare(pad_fill)(image.convert("RGB")).resize((inner, inner), Image.BILINEAR)
         canvas.paste(thumb, (left + border, top + border))
     return canvas
+
+
+def frame_colour(relevant: bool | None) -> tuple[int, int, int]:
+    return UNKNOWN_GREY if relevant is None else GREEN if relevant else RED
 
 
 def _safe(name: str) -> str:

@@ -1,0 +1,142 @@
+"""A sketch search web app on a trained run: `python -m zsbir.app run_dir=<run> [index=<name>] [--port 7860]`.
+
+Draw a sketch on the canvas (or upload one), press Search, and see the top-K photos of
+the run's index with their class and score. Needs the `app` extra: pip install -e ".[app]".
+The index is the one `python -m zsbir.search` uses (built on first use for the
+unseen-class gallery); nothing leaves the machine (no analytics, no web fonts).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from zsbir.errors import ZsbirError
+
+log = logging.getLogger("zsbir.app")
+
+CANVAS = (400, 400)
+MAX_TOP = 50
+
+
+class AppError(ZsbirError):
+    """The app cannot start; the message names the fix."""
+
+
+def import_gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the app must work offline
+    try:
+        import gradio as gr
+    except ImportError:
+        raise AppError("the web app needs gradio: pip install -e \".[app]\"") from None
+    return gr
+
+
+def sketch_image(value) -> Image.Image | None:
+    """The drawn or uploaded sketch from the canvas' value, None when the canvas is blank.
+
+    The editor's composite is RGBA: strokes on a transparent layer (white paper once
+    converted, zsbir/data/transforms.py) over an uploaded image if any.
+    """
+    if isinstance(value, dict):
+        value = value.get("composite")
+    if value is None:
+        return None
+    image = value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value))
+    pixels = np.asarray(image.convert("RGBA"))
+    ink = (pixels[..., 3] > 0) & (pixels[..., :3].min(axis=-1) < 250)
+    return image if ink.any() else None
+
+
+def search_handler(model, store):
+    """The Search button's callback: canvas value, top-K -> gallery items, status line."""
+    gr = import_gradio()
+
+    def run(value, top):
+        sketch = sketch_image(value)
+        if sketch is None:
+            raise gr.Error("The canvas is empty: draw a sketch (or upload one), then press Search.")
+        from zsbir.search.__main__ import search_sketch
+
+        started = time.perf_counter()
+        results, timing = search_sketch(model, store, sketch, int(top))
+        gallery = [(r["path"], f"{r['class'] or '?'} · {r['score']:.3f}") for r in results]
+        status = (f"{len(results)} of {len(store)} photos · sketch encoded in {timing['encode_ms']:.0f} ms, "
+                  f"searched in {timing['search_ms']:.1f} ms, {(time.perf_counter() - started) * 1e3:.0f} ms in all")
+        return gallery, status
+
+    return run
+
+
+def build_app(model, store, top: int = 10):
+    """The Gradio Blocks of the app (not launched)."""
+    gr = import_gradio()
+    meta = store.meta
+    source = meta["source"].get("images") or f"{meta['source']['dataset']} / {meta['source']['list']}"
+    with gr.Blocks(title="zsbir sketch search") as demo:
+        gr.Markdown(f"## Sketch search\nRun `{model.run_dir.name}` ({meta.get('model')}, checkpoint "
+                    f"{model.checkpoint.name}, step {model.step}) · index `{store.folder.name}`: "
+                    f"{len(store)} photos of {source} ({meta['kind']})")
+        with gr.Row():
+            with gr.Column(scale=1):
+                canvas = gr.Sketchpad(label="Draw a sketch (or upload one)", type="pil", image_mode="RGBA",
+                                      sources=("upload",), canvas_size=CANVAS, elem_id="sketch",
+                                      brush=gr.Brush(default_size=6, colors=["#000000"], color_mode="fixed"))
+                top_k = gr.Slider(1, MAX_TOP, value=min(top, MAX_TOP), step=1, label="photos to show (K)",
+                                  elem_id="top-k")
+                button = gr.Button("Search", variant="primary", elem_id="search")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Top photos (class · cosine score)", columns=5, height="auto",
+                                     object_fit="contain", elem_id="results")
+                status = gr.Markdown(elem_id="status")
+        button.click(search_handler(model, store), inputs=[canvas, top_k], outputs=[gallery, status])
+    return demo
+
+
+def offline_theme():
+    """The default theme with system fonts: the stock one fetches Google Fonts, unreachable offline."""
+    gr = import_gradio()
+    return gr.themes.Default(font=["Helvetica", "Arial", "sans-serif"], font_mono=["monospace"])
+
+
+def launch(demo, store, host: str, port: int | None, block: bool = True):
+    return demo.launch(server_name=host, server_port=port, allowed_paths=[store.meta["root"]], share=False,
+                       inbrowser=False, show_error=True, prevent_thread_lock=not block, theme=offline_theme(),
+                       quiet=not block)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zsbir.app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("settings", nargs="+", help="run_dir=<run> [index=<name>] [ckpt=best] [device=cpu]")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the whole network)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--top", type=int, default=10, help="photos shown by default (the page has a slider)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
+    try:
+        from zsbir.search.__main__ import split_settings
+        from zsbir.search.build import find_index
+        from zsbir.search.model import load_run_model
+
+        settings, extra = split_settings(args.settings)
+        if extra:
+            raise AppError(f"unexpected arguments {extra}; the app takes run_dir=<run> [index=<name>] [ckpt=...] [device=...]")
+        if "run_dir" not in settings:
+            raise AppError("no run directory given: python -m zsbir.app run_dir=<run>")
+        import_gradio()
+        model = load_run_model(settings["run_dir"], settings.get("ckpt", "best"), settings.get("device", "cpu"))
+        store = find_index(model, settings.get("index"))
+        launch(build_app(model, store, args.top), store, args.host, args.port)
+    except ZsbirError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Search a run's photo index with a sketch:
+`python -m zsbir.search run_dir=<run> <sketch.png> [--top 10] [--json] [--grid out.png]`.
+
+`index=<name>` picks one of the run's indexes (default: the unseen-class gallery's, built
+on first use), `ckpt=` and `device=` as in `zsbir.eval`. `--class <name>` frames the grid's
+photos green / red by whether they are of that class (otherwise light grey).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from zsbir.errors import ZsbirError
+
+log = logging.getLogger("zsbir.search")
+
+SETTINGS = ("run_dir", "index", "ckpt", "device")
+
+
+class SearchUsageError(ZsbirError):
+    """A bad command line or sketch file; the message names the fix."""
+
+
+def split_settings(tokens: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`key=value` tokens (run_dir=..., index=..., ckpt=..., device=...) apart from sketch paths."""
+    settings, paths = {}, []
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        if eq and key in SETTINGS:
+            settings[key] = value
+        elif eq and not Path(token).exists() and "/" not in key:
+            raise SearchUsageError(f"unknown setting {key!r}; known: {', '.join(f'{k}=' for k in SETTINGS)}")
+        else:
+            paths.append(token)
+    return settings, paths
+
+
+def read_sketch(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise SearchUsageError(f"sketch {path} does not exist; pass the path of a sketch image (PNG, JPEG)") from None
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise SearchUsageError(f"cannot read sketch {path} ({err}); pass a PNG or JPEG image") from None
+
+
+def search_sketch(model, store, sketch: Image.Image, top: int) -> tuple[list[dict], dict[str, float]]:
+    """(ranked photos, {"encode_ms", "search_ms"}) for one sketch."""
+    started = time.perf_counter()
+    vector = model.encode_sketch(sketch)
+    encoded = time.perf_counter()
+    results = store.search(vector, top)
+    done = time.perf_counter()
+    return results, {"encode_ms": (encoded - started) * 1e3, "search_ms": (done - encoded) * 1e3}
+
+
+def write_grid(sketch: Image.Image, results: list[dict], out: Path, caption: str, query_class: str | None = None,
+               tile: int = 96) -> Path:
+    """The evaluation grids' layout: the sketch, then the ranked photos."""
+    from zsbir.eval.visualize import draw_grid
+
+    photos = [Image.open(r["path"]) for r in results]
+    relevant = [None if query_class is None else r["class"] == query_class for r in results]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_grid(sketch, photos, relevant, tile, caption=caption).save(out)
+    return out
+
+
+def format_results(sketch: str, store, results: list[dict], timing: dict) -> str:
+    lines = [f"{sketch}: top {len(results)} of {len(store)} photos (index {store.folder.name}, {store.meta['kind']}; "
+             f"sketch encoded in {timing['encode_ms']:.1f} ms, searched in {timing['search_ms']:.2f} ms)",
+             f"{'rank':>4}  {'score':>7}  {'class':<20}  photo"]
+    for r in results:
+        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {str(r['class'] or '-'):<20}  {r['path']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zsbir.search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("args", nargs="+", help="run_dir=<run> [index=<name>] [ckpt=best] [device=cpu] <sketch> ...")
+    parser.add_argument("--top", type=int, default=10, help="photos to show per sketch (default 10)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--grid", type=Path, help="write a grid PNG (one sketch: this file; several: <stem>-<n>.png)")
+    parser.add_argument("--class", dest="query_class", help="the sketch's class, to frame the grid's photos green/red")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
+    try:
+        settings, sketches = split_settings(args.args)
+        if "run_dir" not in settings:
+            raise SearchUsageError("no run directory given: python -m zsbir.search run_dir=<run> <sketch.png>")
+        if not sketches:
+            raise SearchUsageError("no sketch given: python -m zsbir.search run_dir=<run> <sketch.png>")
+        if args.top < 1:
+            raise SearchUsageError(f"--top {args.top}: ask for at least 1 photo")
+        from zsbir.search.build import find_index
+        from zsbir.search.model import load_run_model
+
+        images = [read_sketch(s) for s in sketches]
+        model = load_run_model(settings["run_dir"], settings.get("ckpt", "best"), settings.get("device", "cpu"))
+        store = find_index(model, settings.get("index"))
+        report = []
+        for n, (path, image) in enumerate(zip(sketches, images)):
+            results, timing = search_sketch(model, store, image, args.top)
+            entry = {"sketch": path, "index": str(store.folder), "results": results, "timing_ms": timing}
+            if args.grid:
+                out = args.grid if len(sketches) == 1 else args.grid.with_name(f"{args.grid.stem}-{n}{args.grid.suffix}")
+                entry["grid"] = str(write_grid(image, results, out, f"query: {Path(path).name}", args.query_class))
+            report.append(entry)
+            if not args.json:
+                print(format_results(path, store, results, timing))
+        if args.json:
+            print(json.dumps(report if len(report) > 1 else report[0], indent=1))
+    except ZsbirError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

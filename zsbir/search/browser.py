@@ -1,0 +1,89 @@
+"""Driving the web app in a headless Chromium (selenium): the browser test and the app benchmark.
+
+Chromium runs with a fresh profile and everything that would reach the network switched
+off, so it works on a closed machine. Debian: `apt-get install chromium chromium-driver`.
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+DRIVER_NAMES = ("chromedriver", "chromium-driver")
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,900")
+
+
+def find_browser() -> tuple[str | None, str | None, str]:
+    """(chromium binary, chromedriver binary, why not) — the reason is empty when both exist."""
+    browser = next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+    driver = next((p for p in map(shutil.which, DRIVER_NAMES) if p), None)
+    missing = [what for what, path in (("chromium", browser), ("chromedriver", driver)) if not path]
+    why = f"no {' and no '.join(missing)} on PATH (Debian: apt-get install chromium chromium-driver)" if missing else ""
+    return browser, driver, why
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_chromium(browser: str, driver: str):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tempfile.mkdtemp(prefix='zsbir-chromium-')}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@dataclass
+class Query:
+    images: int          # result images on the page
+    captions: list[str]  # their captions (class · score)
+    round_trip_s: float  # from the click on Search to every result image decoded
+    status: str          # the status line under the results
+
+
+def draw_square_and_search(page, url: str, side: int = 120, timeout: float = 60.0, expect: int = 1,
+                           load: bool = True) -> Query:
+    """Open the app (when `load`), draw a square on the canvas with the brush, press Search and
+    wait for at least `expect` result images, all decoded."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if load:
+        page.get(url)
+        WebDriverWait(page, timeout).until(lambda p: p.find_elements(By.CSS_SELECTOR, "#sketch canvas"))
+        page.find_element(By.CSS_SELECTOR, "#sketch button[aria-label='Brush']").click()
+    else:
+        page.find_element(By.CSS_SELECTOR, "#sketch button[aria-label='Clear canvas']").click()
+    canvas = page.find_elements(By.CSS_SELECTOR, "#sketch canvas")[-1]
+    step = side // 4
+    strokes = ActionChains(page).move_to_element_with_offset(canvas, -side // 2, -side // 2).click_and_hold()
+    for dx, dy in [(step, 0)] * 4 + [(0, step)] * 4 + [(-step, 0)] * 4 + [(0, -step)] * 4:
+        strokes.move_by_offset(dx, dy)
+    strokes.release().perform()
+    before = page.find_element(By.ID, "status").text
+    started = time.perf_counter()
+    page.find_element(By.ID, "search").click()
+
+    def done(p):
+        images = p.find_elements(By.CSS_SELECTOR, "#results img")
+        fresh = p.find_element(By.ID, "status").text not in ("", before)
+        decoded = p.execute_script("return [...document.querySelectorAll('#results img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+        return fresh and len(images) >= expect and decoded
+
+    WebDriverWait(page, timeout, poll_frequency=0.005).until(done)
+    elapsed = time.perf_counter() - started
+    captions = [c.text for c in page.find_elements(By.CSS_SELECTOR, "#results .caption-label")]
+    return Query(len(page.find_elements(By.CSS_SELECTOR, "#results img")), captions, elapsed,
+                 page.find_element(By.ID, "status").text)
