@@ -65,10 +65,11 @@ def bench_gpu(args) -> int:
 
     if args.budget_s is not None and args.budget_s <= 0:
         raise SystemExit(f"bench gpu: --budget-s must be positive, got {args.budget_s}")
-    command = f"python -m zsbir.bench gpu --out {args.out}" + (f" --budget-s {args.budget_s:g}" if args.budget_s else "") \
-        + (" --dry-run" if args.dry_run else "")
+    command = (f"python -m zsbir.bench gpu --out {args.out}" + (f" --budget-s {args.budget_s:g}" if args.budget_s else "")
+               + (" --dry-run" if args.dry_run else ""))
     report = run_gpu_bench(args.out, args.budget_s, args.dry_run, args.work_dir, command)
-    print(f"bench gpu: {report['seconds']} s; reports {Path(args.out) / 'report.md'} and {Path(args.out) / 'report.json'}")
+    out = Path(args.out)
+    print(f"bench gpu: {report['seconds']} s; reports {out / 'report.md'} and {out / 'report.json'}")
     for section in report["sections"]:
         print(f"  {section['key']}. {section['title']}: {section['status']}")
         for row in section["goals"]:

@@ -187,8 +187,9 @@ def _warm_up_kernels(data: dict, device: str) -> None:
 # ---------------------------------------------------------------- 2: training step
 
 def train_step(rec: Recorder, overrides: list[str], device: str, batch_size: int, image_size: int, steps: int,
-               warmup: int, cnn: bool, compile_backend: str, weights: dict | None = None) -> None:
-    """Train-step images/s in one process: plain fp32, then the speed options, then with torch.compile too.
+               warmup: int, cnn: bool, compile_backend: str | None, weights: dict | None = None) -> None:
+    """Train-step images/s in one process: plain fp32, then the speed options, then (with a
+    `compile_backend`) the same with torch.compile too.
 
     `weights`: the arguments of `weight_files` when the overrides name its files (written
     here when setup did not get to it)."""
@@ -205,8 +206,10 @@ def train_step(rec: Recorder, overrides: list[str], device: str, batch_size: int
     fast = [*base, "trainer.precision=bf16", "trainer.fused_optimizer=true", "trainer.grad_checkpointing=false",
             f"trainer.channels_last={str(cnn).lower()}", "trainer.compile=false"]
     fast_name = "bf16 + fused optimizer" + (" + channels_last" if cnn else "")
-    variants = [("plain fp32", [*base, *PLAIN_OPTIONS]), (fast_name, fast),
-                (fast_name + " + compile", [*fast, "trainer.compile=true", f"trainer.compile_backend={compile_backend}"])]
+    variants = [("plain fp32", [*base, *PLAIN_OPTIONS]), (fast_name, fast)]
+    if compile_backend:
+        variants.append((fast_name + " + compile", [*fast, "trainer.compile=true",
+                                                    f"trainer.compile_backend={compile_backend}"]))
     for name, variant in variants:  # plain first: the slow compile comes last, so a cap cuts it alone
         row = time_train_step(variant, options)
         rec.put(name, {"images_per_s": round(row["images_per_s"], 1), "peak_mib": row["peak_mib"],
@@ -227,7 +230,8 @@ def data_path(rec: Recorder, work: str, device: str, batch_size: int, image_size
 
     logging.getLogger("zsbir").setLevel(logging.WARNING)
     folder = ensure_image_cache(work, image_size, cache_workers, data_overrides)
-    base = [*overrides, *data_overrides, f"data.batch_size={batch_size}", f"data.image_size={image_size}", f"trainer.device={device}"]
+    base = [*overrides, *data_overrides, f"data.batch_size={batch_size}", f"data.image_size={image_size}",
+            f"trainer.device={device}"]
     trainer = _build_trainer([*base, f"data.image_cache={folder}", "data.gpu_augment=true", f"data.augment={augment}",
                               f"data.num_workers={num_workers}", "data.cache_images=false"])
     wanted, images, seconds, device_s = batches * batch_size * len(trainer.views), 0, 0.0, 0.0
@@ -244,7 +248,8 @@ def data_path(rec: Recorder, work: str, device: str, batch_size: int, image_size
     if step_images_per_s is None:
         row = time_train_step([*base, "trainer.precision=bf16"], {"batch_size": batch_size, "image_size": image_size,
                                                                   "steps": 3, "warmup": 1, "device": device})
-        step_images_per_s, step_source = row["images_per_s"], f"measured here ({row['settings']}): no figure from section 2"
+        step_images_per_s = row["images_per_s"]
+        step_source = f"measured here ({row['settings']}): no figure from section 2"
     rec.put("train step", {"images_per_s": round(step_images_per_s, 1), "source": step_source})
 
 

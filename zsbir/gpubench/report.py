@@ -20,7 +20,8 @@ def write_reports(report: dict, out_dir: Path) -> None:
 def render_markdown(report: dict) -> str:
     env = _environment(report)
     mode = "dry run (CPU, tiny sizes: checks the command, measures no goal)" if report.get("dry_run") else "GPU run"
-    state = f"finished in {report['seconds']} s" if report.get("finished") else "in progress or cut short"
+    state = (f"finished in {report['seconds']} s" if report.get("finished")
+             else f"interrupted ({report['interrupted']})" if report.get("interrupted") else "in progress or cut short")
     lines = [
         "# GPU acceptance report (`python -m zsbir.bench gpu`)", "",
         f"- mode: {mode}; budget {report.get('budget_s')} s; {state}",

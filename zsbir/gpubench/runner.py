@@ -60,7 +60,7 @@ def new_report(sections: list[Section], header: dict) -> dict:
 
 
 def run_sections(sections: list[Section], out_dir: Path, work_dir: Path, budget_s: float, header: dict,
-                 torch_threads: int | None = None, clock: Callable[[], float] = time.monotonic) -> dict:
+                 torch_threads: int | None = None) -> dict:
     """Run every section in order within `budget_s` seconds (after the fork server's imports); returns the report.
 
     `torch_threads`: intra-op threads of each item (None: torch's default, one per core).
@@ -73,32 +73,36 @@ def run_sections(sections: list[Section], out_dir: Path, work_dir: Path, budget_
         entry["goals"] = _goals(section, report, entry)
     write_reports(report, out_dir)
     report["preload_s"] = round(start_fork_server(), 1)
-    start = clock()
-    with _terminate_as_exit():
-        for index, (section, entry) in enumerate(zip(sections, report["sections"])):
-            remaining = budget_s - (clock() - start)
-            cap = max(0.0, remaining * section.weight / sum(s.weight for s in sections[index:]))
-            _run_section(section, entry, cap, report, out_dir, work_dir, torch_threads, clock)
-            entry["goals"] = _goals(section, report, entry)
-            report["updated"] = _now()
-            write_reports(report, out_dir)
+    start = time.monotonic()
+    try:
+        with _terminate_as_exit():
+            for index, (section, entry) in enumerate(zip(sections, report["sections"])):
+                remaining = budget_s - (time.monotonic() - start)
+                cap = max(0.0, remaining * section.weight / sum(s.weight for s in sections[index:]))
+                _run_section(section, entry, cap, report, out_dir, work_dir, torch_threads)
+                entry["goals"] = _goals(section, report, entry)
+                report["updated"] = _now()
+                write_reports(report, out_dir)
+    except BaseException as stop:  # Ctrl-C, SIGTERM: say so in the report, then stop as asked
+        report["interrupted"] = f"{type(stop).__name__} {stop}".strip()
+        write_reports(report, out_dir)
+        raise
     report["finished"] = True
-    report["seconds"] = round(clock() - start, 1)
+    report["seconds"] = round(time.monotonic() - start, 1)
     write_reports(report, out_dir)
     return report
 
 
 def _run_section(section: Section, entry: dict, cap: float, report: dict, out_dir: Path, work_dir: Path,
-                 torch_threads: int | None, clock) -> None:
+                 torch_threads: int | None) -> None:
     entry.update(status="running", cap_s=round(cap, 1))
-    start = clock()
-    runnable = [item for item in section.items if item.skip is None]
-    for item, item_entry in zip(section.items, entry["items"]):
+    start = time.monotonic()
+    for position, (item, item_entry) in enumerate(zip(section.items, entry["items"])):
         if item.skip is not None:
             item_entry.update(status="skipped", reason=item.skip)
             continue
-        left = cap - (clock() - start)
-        weights_left = sum(i.weight for i in runnable[runnable.index(item):])
+        left = cap - (time.monotonic() - start)
+        weights_left = sum(i.weight for i in section.items[position:] if i.skip is None)
         item_cap = max(0.0, left * item.weight / weights_left)
         if item_cap < MIN_ITEM_CAP_S:
             item_entry.update(status="not run", reason=f"budget spent (section cap {cap:.0f} s)")
@@ -111,7 +115,7 @@ def _run_section(section: Section, entry: dict, cap: float, report: dict, out_di
         item_entry.update(status="running", cap_s=round(item_cap, 1))
         write_reports(report, out_dir)
         item_entry.update(run_item(f"{section.key}-{item.name}", item, params, item_cap, work_dir, torch_threads))
-    entry["seconds"] = round(clock() - start, 1)
+    entry["seconds"] = round(time.monotonic() - start, 1)
     entry["status"] = _section_status([i["status"] for i in entry["items"]])
 
 
@@ -221,7 +225,10 @@ def _section_status(statuses: list[str]) -> str:
         return "ok"
     if any(s == "ok" for s in done):
         return "partial"
-    return "timed out" if all(s == "timed out" for s in done) else "failed"
+    for common in ("timed out", "not run"):
+        if all(s == common for s in done):
+            return common
+    return "failed"
 
 
 def _goals(section: Section, report: dict, entry: dict) -> list[dict]:
