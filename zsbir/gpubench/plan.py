@@ -13,6 +13,7 @@ import platform
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from zsbir.gpubench.measure import weight_file_paths
@@ -103,12 +104,13 @@ def build_sections(dry_run: bool, work: Path) -> list[Section]:
             "device": device,
             "batch_size": size["ddp_batch"], "image_size": px, "steps": size["ddp_steps"],
             "sync_bn": device == "cuda"})], weight["ddp"], goals=_ddp_goals)
+    caches = work / "inductor" / time.strftime("%Y%m%d-%H%M%S")
     compile_items = [
         Item(name, f"{MEASURE}:compile_encoder", {
             "overrides": [f"model={name}", "model.pretrained=null", *shrink, *data_overrides], "device": device,
             "batch_size": size["compile_batch"], "image_size": px, "backend": size["compile_backend"], "cnn": cnn},
-            # a fresh inductor cache per encoder: the compile time is a cold compile, not a cache hit
-            env={"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor" / name)})
+            # new inductor and Triton caches per encoder and run: the compile time is a cold compile, not a cache hit
+            env={"TORCHINDUCTOR_CACHE_DIR": str(caches / name), "TRITON_CACHE_DIR": str(caches / name / "triton")})
         for name, cnn in COMPILE_ENCODERS]
     compile_ = Section("6", "torch.compile of each encoder", compile_items, weight["compile"], goals=_compile_goals)
     return [setup, evaluation, train, data, bf16, ddp, compile_]
