@@ -64,7 +64,8 @@ def _environment(report: dict) -> dict:
 def _item_detail(item: dict) -> str:
     parts = []
     if item.get("seconds") is not None:
-        parts.append(f"{item['seconds']} s" + (f" of a {item['cap_s']} s cap" if item.get("cap_s") else ""))
+        parts.append(f"{item['seconds']} s" + (f" of a {item['cap_s']} s cap" if item.get("cap_s") else "")
+                     + (f", {item['cpu_s']} CPU s" if item.get("cpu_s") is not None else ""))
     for key in ("reason", "error"):
         if item.get(key):
             parts.append(f"{key}: {item[key]}")

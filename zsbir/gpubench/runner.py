@@ -140,8 +140,8 @@ def run_item(job_name: str, item: Item, params: dict, cap_s: float, work_dir: Pa
             process.join()
     code = None if timed_out else process.exitcode
     seconds = round(time.monotonic() - start, 1)
-    values, error, skipped = read_records(records)
-    result = {"seconds": seconds, "records": values, "log": str(log)}
+    values, error, skipped, cpu_s = read_records(records)
+    result = {"seconds": seconds, "cpu_s": cpu_s, "records": values, "log": str(log)}
     if code is None:
         result.update(status="timed out", error=f"killed at its cap of {cap_s:.0f} s; the figures recorded "
                                                 f"before that are kept")
@@ -155,11 +155,11 @@ def run_item(job_name: str, item: Item, params: dict, cap_s: float, work_dir: Pa
     return result
 
 
-def read_records(path: Path) -> tuple[dict, str | None, str | None]:
-    """(records by name, error message, skip reason) from a worker's records file."""
-    values, error, skipped = {}, None, None
+def read_records(path: Path) -> tuple[dict, str | None, str | None, float | None]:
+    """(records by name, error message, skip reason, CPU seconds) from a worker's records file."""
+    values, error, skipped, cpu_s = {}, None, None, None
     if not Path(path).is_file():
-        return values, error, skipped
+        return values, error, skipped, cpu_s
     for line in Path(path).read_text().splitlines():
         try:
             entry = json.loads(line)
@@ -169,7 +169,8 @@ def read_records(path: Path) -> tuple[dict, str | None, str | None]:
             values[entry["record"]] = entry["value"]
         error = entry.get("error", error)
         skipped = entry.get("skipped", skipped)
-    return values, error, skipped
+        cpu_s = entry.get("cpu_s", cpu_s)
+    return values, error, skipped, cpu_s
 
 
 def _kill_group(pid: int) -> None:

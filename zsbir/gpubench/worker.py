@@ -62,7 +62,17 @@ def run_job(job_path: str) -> int:
         traceback.print_exc()
         rec._write({"error": f"{type(err).__name__}: {err}".strip()})
         return EXIT_ERROR
+    finally:
+        rec._write({"cpu_s": round(_cpu_seconds(), 1)})
     return 0
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (loader workers): the wall time on an idle core."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def child_main(job_path: str, log_path: str, env: dict[str, str]) -> None:
