@@ -1,5 +1,6 @@
-"""Benchmarks: `python -m zsbir.bench eval [...]`, `python -m zsbir.bench train model=... [...]` and
-`python -m zsbir.bench seeds [overrides] --seeds 0-9` (zsbir/bench_seeds.py: the job over several seeds).
+"""Benchmarks: `python -m zsbir.bench eval [...]`, `python -m zsbir.bench train model=... [...]`,
+`python -m zsbir.bench seeds [overrides] --seeds 0-9` (zsbir/bench_seeds.py: the job over several seeds)
+and `python -m zsbir.bench gpu` (zsbir/gpubench/: every GPU goal under one budget).
 
 `eval` times the evaluation engine (`zsbir.eval.metrics.retrieval_metrics`) against the
 papers' approach (`zsbir.eval.reference`) on random features with class structure, in
@@ -12,6 +13,9 @@ is instant.
 speed options and, in the same run, as a plain fp32 loop without them, with the ratio;
 the real data loader's images/s; and the peak memory of each. On CPU the models are the
 shrunk random variants (`model.tiny=true`).
+
+`gpu` is the GPU acceptance run (zsbir/gpubench/, docs/benchmarks.md): every GPU goal in
+one budgeted command that writes its reports after each step; `--dry-run` checks it on CPU.
 """
 from __future__ import annotations
 
@@ -40,7 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(commands)
     add_train_parser(commands)
     add_seeds_parser(commands)
+    add_gpu_parser(commands)
     return parser
+
+
+def add_gpu_parser(commands) -> None:
+    p = commands.add_parser("gpu", help="GPU acceptance: every GPU goal in one budgeted run (docs/benchmarks.md)",
+                            description="Runs the sections of docs/benchmarks.md 'GPU acceptance' in order, each "
+                                        "measurement in its own process under a time cap, and rewrites report.json "
+                                        "and report.md in --out after every step.")
+    p.add_argument("--out", default="gpu_report", help="report folder (default: gpu_report)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget of the sections in seconds, after a few seconds of imports "
+                        "(default 470; 100 with --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="the same sections on CPU with tiny sizes (no GPU needed)")
+    p.add_argument("--work-dir", default=None,
+                   help="scratch folder for the image cache, weight files and logs (default: <tmp>/zsbir-gpubench-*)")
+    p.set_defaults(run=bench_gpu)
+
+
+def bench_gpu(args) -> int:
+    from pathlib import Path
+
+    from zsbir.gpubench.plan import run_gpu_bench
+
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise SystemExit(f"bench gpu: --budget-s must be positive, got {args.budget_s}")
+    command = (f"python -m zsbir.bench gpu --out {args.out}" + (f" --budget-s {args.budget_s:g}" if args.budget_s else "")
+               + (" --dry-run" if args.dry_run else ""))
+    report = run_gpu_bench(args.out, args.budget_s, args.dry_run, args.work_dir, command)
+    out = Path(args.out)
+    print(f"bench gpu: {report['seconds']} s; reports {out / 'report.md'} and {out / 'report.json'}")
+    for section in report["sections"]:
+        print(f"  {section['key']}. {section['title']}: {section['status']}")
+        for row in section["goals"]:
+            print(f"     {row['goal']}: {row['verdict']}")
+    return 0
 
 
 def add_eval_parser(commands) -> None:
@@ -157,24 +196,18 @@ def time_train_step(overrides: list[str], options: dict) -> dict:
     import gc
     import time
 
-    import torch
-
     gc.collect()
     device = options["device"]
     baseline = _memory_before(device)
     trainer = _build_trainer(overrides)
-    batch_size, size = options["batch_size"], options["image_size"]
-    gen = torch.Generator().manual_seed(0)
-    uint8 = trainer.gpu_augment is not None
-    batch = {view: (torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=gen) if uint8
-                    else torch.randn(batch_size, 3, size, size, generator=gen)).to(trainer.device)
-             for view in trainer.views}
-    n_classes = len(trainer.data.seen_classes)
-    batch["label"] = torch.randint(0, n_classes, (batch_size,), generator=gen).to(trainer.device)
-    batch["neg_label"] = (batch["label"] + 1) % n_classes
-    batch["index"] = torch.arange(batch_size, device=trainer.device)
-    for _ in range(options["warmup"]):
+    batch_size = options["batch_size"]
+    batch = random_batch(trainer, batch_size, options["image_size"])
+    start, first_step_s = time.perf_counter(), None
+    for i in range(options["warmup"]):
         trainer.train_step(batch)
+        if i == 0:  # the first step alone: it includes torch.compile's compilation
+            _synchronize(device)
+            first_step_s = round(time.perf_counter() - start, 2)
     _synchronize(device)
     start = time.perf_counter()
     for _ in range(options["steps"]):
@@ -188,7 +221,28 @@ def time_train_step(overrides: list[str], options: dict) -> dict:
     images = options["steps"] * batch_size * len(trainer.views)
     memory = _memory_after(device, baseline)
     del trainer, batch
-    return {"images_per_s": images / seconds, "memory": memory.split(" (")[0], "settings": settings}
+    return {"images_per_s": images / seconds, "memory": memory.split(" (")[0], "peak_mib": round(_peak_mib(device)),
+            "first_step_s": first_step_s, "settings": settings}
+
+
+def random_batch(trainer, batch_size: int, size: int) -> dict:
+    """A seeded batch of every view the trainer's losses need, already on its device (uint8 under gpu_augment)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    uint8 = trainer.gpu_augment is not None
+    batch = {view: (torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=gen) if uint8
+                    else torch.randn(batch_size, 3, size, size, generator=gen)).to(trainer.device)
+             for view in trainer.views}
+    n_classes = len(trainer.data.seen_classes)
+    batch["label"] = torch.randint(0, n_classes, (batch_size,), generator=gen).to(trainer.device)
+    batch["neg_label"] = (batch["label"] + 1) % n_classes
+    batch["index"] = torch.arange(batch_size, device=trainer.device)
+    # Indices of the photos in the training list (PuXIM caches each photo's mask under it).
+    n_photos = len(trainer.data.train_photo)
+    batch["pos_index"] = torch.arange(batch_size, device=trainer.device) % n_photos
+    batch["neg_index"] = (batch["pos_index"] + batch_size) % n_photos
+    return batch
 
 
 def time_loader(overrides: list[str], options: dict) -> dict:
@@ -325,13 +379,19 @@ def _memory_before(device: str):
 
 
 def _memory_after(device: str, baseline) -> str:
+    peak = _peak_mib(device)
+    if device == "cuda":
+        return f"{peak:.0f} MiB CUDA peak allocated ({peak - baseline / 2**20:.0f} MiB above inputs)"
+    return f"{peak:.0f} MiB process peak RSS ({peak - baseline:.0f} MiB above the {baseline:.0f} MiB before)"
+
+
+def _peak_mib(device: str) -> float:
+    """CUDA peak allocated since the last reset, or the process's peak RSS on CPU (MiB)."""
     import torch
 
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        return f"{peak:.0f} MiB CUDA peak allocated ({peak - baseline / 2**20:.0f} MiB above inputs)"
-    peak = _max_rss_mib()
-    return f"{peak:.0f} MiB process peak RSS ({peak - baseline:.0f} MiB above the {baseline:.0f} MiB before)"
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _max_rss_mib()
 
 
 def _current_rss_mib() -> float:

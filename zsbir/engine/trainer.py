@@ -198,7 +198,7 @@ class Trainer:
     def _apply_model_options(self) -> None:
         """SyncBatchNorm, channels_last and gradient checkpointing on the plain encoder."""
         tcfg = self.cfg.trainer
-        if tcfg.get("sync_bn") and dist.world_size() > 1:
+        if tcfg.get("sync_bn") and dist.is_initialized():  # also a 1-process group (bench gpu checks the path)
             if self.device.type != "cuda":
                 raise SpeedOptionError("trainer.sync_bn=true needs GPUs (NCCL); torch's SyncBatchNorm does not run "
                                        "on CPU. Set trainer.sync_bn=false for CPU runs")
@@ -213,7 +213,7 @@ class Trainer:
         tcfg = self.cfg.trainer
         compiled = torch.compile(self.encoder, backend=str(tcfg.compile_backend)) if tcfg.get("compile") else None
         module = TrainStep(self.encoder, self.loss_set, self.views, compiled, self.encode_mode)
-        if dist.world_size() == 1:
+        if not dist.is_initialized():  # a launcher with one process starts no group (distributed.launch_env)
             return module
         return nn.parallel.DistributedDataParallel(
             module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
