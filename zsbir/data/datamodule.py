@@ -66,8 +66,9 @@ LIST_KEYS = ("train_sketch", "train_photo", "val_sketch", "zero_sketch", "zero_p
 UNREADABLE_RECORD = "zsbir_unreadable.txt"  # written into the split folder by `prepare verify=true`
 
 
-def domain_of(key: str) -> str:
-    return "sketch" if "sketch" in key else "photo"
+def domain_of(list_key: str) -> str:
+    """The domain of a file-list key (`train_sketch` -> sketch)."""
+    return "sketch" if list_key.endswith("_sketch") else "photo"
 
 
 def prepare_command(data_cfg, root: Path) -> str:

@@ -19,8 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 from zsbir.data.filelist import DatasetError, FileList
 from zsbir.data.imagecache import CachedImages
-
-VIEWS = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2")
+from zsbir.data.views import VIEWS
 
 
 def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
@@ -115,16 +114,10 @@ class TripletDataset(Dataset):
         # pos_index / neg_index: the photos' indices in the training photo list (PuXIM caches
         # its per-photo patch masks under them)
         item = {"label": label, "neg_label": neg_label, "index": index, "pos_index": pos, "neg_index": neg}
-        sources = {
-            "sketch": (self.sketches, index, "sketch"),
-            "sketch_v2": (self.sketches, index, "sketch"),
-            "photo_pos": (self.photos, pos, "photo"),
-            "photo_pos_v2": (self.photos, pos, "photo"),
-            "photo_neg": (self.photos, neg, "photo"),
-        }
         loaded: dict[tuple[int, int], Image.Image] = {}
         for stream, view in enumerate(self.views):
-            filelist, i, domain = sources[view]
+            domain = VIEWS[view].domain
+            filelist, i = (self.sketches if domain == "sketch" else self.photos), item[VIEWS[view].index_key]
             cache_key = (id(filelist), i)
             if cache_key not in loaded:
                 loaded[cache_key] = self.cache.get(self.root, filelist, i, domain)
