@@ -26,6 +26,18 @@ NORMALIZATION = {
 }
 
 
+def renormalize(images: torch.Tensor, from_norm: str, to_norm: str) -> torch.Tensor:
+    """Images normalised with `from_norm` re-expressed in `to_norm` (keys of NORMALIZATION)."""
+    if from_norm == to_norm:
+        return images
+    (mean_a, std_a), (mean_b, std_b) = NORMALIZATION[from_norm], NORMALIZATION[to_norm]
+
+    def column(values):
+        return torch.tensor(values, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+
+    return (images * column(std_a) + column(mean_a) - column(mean_b)) / column(std_b)
+
+
 class EncoderOutput(dict):
     """Outputs of one encoder call; `out["embedding"]` always exists."""
 
