@@ -11,7 +11,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 
-SHARED_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "splits"
+# The public split lists live beside the repository (../shared/splits); ZSBIR_SHARED_SPLITS points
+# elsewhere (e.g. a git worktree that is not beside ../shared).
+SHARED_SPLITS = Path(os.environ.get("ZSBIR_SHARED_SPLITS") or Path(__file__).resolve().parents[2] / "shared" / "splits")
 
 
 @pytest.fixture(scope="session", autouse=True)
