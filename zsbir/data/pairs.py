@@ -37,6 +37,13 @@ def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
         ) from err
 
 
+# Every item_seed stream, in one place so that no two users draw the same numbers:
+# 1..len(views): the CPU augmentation of each view of an item (TripletDataset).
+SAMPLER_STREAM = 999  # the batch order of an epoch (EpochBatchSampler)
+LOADER_STREAM = 998  # the train DataLoader's generator (Trainer)
+GPU_AUGMENT_STREAMS = 1000  # + view number: GPU-side augmentation (zsbir/data/gpu_augment.py)
+
+
 def item_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
     """A 63-bit seed that depends on all of (seed, epoch, index, stream)."""
     return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1, np.uint64)[0] >> 1)
@@ -163,7 +170,7 @@ class EpochBatchSampler(Sampler):
         return (len(self.labels) // self.batch_size) // self.world_size
 
     def _global_batches(self) -> list[np.ndarray]:
-        rng = np.random.default_rng(item_seed(self.seed, self.epoch, 0, stream=999))
+        rng = np.random.default_rng(item_seed(self.seed, self.epoch, 0, stream=SAMPLER_STREAM))
         n_batches = len(self.labels) // self.batch_size
         if not self.balanced:
             order = rng.permutation(len(self.labels))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from zsbir.config import validate_config
 from zsbir.data.datamodule import load_split, train_loader
 from zsbir.data.gpu_augment import GPUAugment
-from zsbir.data.pairs import item_seed
+from zsbir.data.pairs import LOADER_STREAM, item_seed
 from zsbir.data.views import domain_of
 from zsbir.engine import distributed as dist
 from zsbir.engine.callbacks import default_callbacks
@@ -41,7 +41,6 @@ from zsbir.tracking import build_tracker
 
 log = logging.getLogger("zsbir.train")
 
-LOADER_SEED_STREAM = 998  # item_seed stream of the train loader's generator (the sampler uses 999)
 # Training progress saved in every checkpoint and restored on resume (besides weights, optimizer and RNG).
 RESUMED_FIELDS = ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "metrics_before", "nonfinite_steps")
 
@@ -367,7 +366,7 @@ class Trainer:
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             # Each epoch's loader seed depends on the epoch only, as in a run that was never resumed.
-            self.train_loader.generator.manual_seed(item_seed(int(self.cfg.seed), self.epoch, 0, LOADER_SEED_STREAM))
+            self.train_loader.generator.manual_seed(item_seed(int(self.cfg.seed), self.epoch, 0, LOADER_STREAM))
             self.bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
                             desc=f"epoch {self.epoch + 1}/{max_epochs}", dynamic_ncols=True, leave=False,
                             disable=not (self.is_main_process and self.cfg.trainer.progress_bar))
