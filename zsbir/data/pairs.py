@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from zsbir.data.filelist import DatasetError, FileList
-from zsbir.data.imagecache import CachedImages
+from zsbir.data.imagecache import PreResizedImages
 from zsbir.data.views import VIEWS
 
 
@@ -49,11 +49,11 @@ def item_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class ImageCache:
+class ImageSource:
     """Where images come from: the pre-resized cache when given (`data.image_cache`), else the
     files, decoded ones kept in memory (per process) when `enabled` (small datasets only)."""
 
-    def __init__(self, enabled: bool, pixels: CachedImages | None = None):
+    def __init__(self, enabled: bool, pixels: PreResizedImages | None = None):
         self.enabled, self.pixels = enabled, pixels
         self.images: dict[tuple[str, int], Image.Image] = {}
 
@@ -72,11 +72,11 @@ class ImageListDataset(Dataset):
     """One file list (a query or gallery set) for embedding: returns (image, label, index)."""
 
     def __init__(self, root: Path, filelist: FileList, transform: Callable, cache_images: bool = False,
-                 domain: str | None = None, pixels: CachedImages | None = None):
+                 domain: str | None = None, pixels: PreResizedImages | None = None):
         if pixels is not None and domain not in ("sketch", "photo"):
             raise ValueError(f"reading from an image cache needs domain='sketch' or 'photo', got {domain!r}")
         self.root, self.filelist, self.transform, self.domain = Path(root), filelist, transform, domain
-        self.cache = ImageCache(cache_images, pixels)
+        self.cache = ImageSource(cache_images, pixels)
 
     def __len__(self) -> int:
         return len(self.filelist)
@@ -91,13 +91,13 @@ class TripletDataset(Dataset):
 
     def __init__(self, root: Path, sketches: FileList, photos: FileList, transforms: dict[str, Callable],
                  views: tuple[str, ...] = ("sketch", "photo_pos", "photo_neg"), seed: int = 0,
-                 cache_images: bool = False, pixels: CachedImages | None = None):
+                 cache_images: bool = False, pixels: PreResizedImages | None = None):
         unknown = set(views) - set(VIEWS)
         if unknown:
             raise ValueError(f"unknown views {sorted(unknown)}; known: {VIEWS}")
         self.root, self.sketches, self.photos = Path(root), sketches, photos
         self.transforms, self.views, self.seed = transforms, tuple(views), seed
-        self.cache = ImageCache(cache_images, pixels)
+        self.cache = ImageSource(cache_images, pixels)
         labels = np.asarray(photos.labels)
         self.photos_by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
         self.photo_classes = np.array(sorted(self.photos_by_class))
