@@ -44,22 +44,21 @@ class StepLogger(Callback):
         self._t, self._images = time.monotonic(), 0
 
     def on_epoch_start(self, trainer) -> None:
-        self._t, self._images = time.monotonic(), 0
+        self._t, self._images = time.monotonic(), trainer.images_seen
 
     def on_step_end(self, trainer, logs: dict) -> None:
-        self._images += trainer.images_per_step
         if trainer.step % self.every and trainer.step != trainer.total_steps:
             return
         values = {k: float(v) for k, v in logs.items()}
         values["lr"] = trainer.optimizer.param_groups[0]["lr"]
-        values["images_per_s"] = self._images / max(1e-9, time.monotonic() - self._t)
+        values["images_per_s"] = (trainer.images_seen - self._images) / max(1e-9, time.monotonic() - self._t)
         trainer.bar.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in values.items()})
         if trainer.is_main_process and trainer.bar.disable:  # no progress bar: the console still gets every term
             log.info("step %d/%d: %s", trainer.step, trainer.total_steps,
                      ", ".join(f"{k.removeprefix('loss/')} {v:.4g}" for k, v in values.items()))
         if trainer.tracker:
             trainer.tracker.log({**values, "epoch": trainer.epoch}, trainer.step)
-        self._t, self._images = time.monotonic(), 0
+        self._t, self._images = time.monotonic(), trainer.images_seen
 
 
 class UntrainedEvaluation(Callback):

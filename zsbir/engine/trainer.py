@@ -145,6 +145,7 @@ class Trainer:
         self.saved_step = -1  # the step of the newest last.pt (-1: none yet)
         self.last_save_time = time.monotonic()
         self.unsaved_changes = False  # training state changed since the newest last.pt
+        self.images_seen = 0  # images encoded by training steps in this session (all views, all processes)
         self.evaluator = Evaluator(self.data, cfg.data, cfg.eval, self.encoder.norm, self.device, self.amp)
         self.callbacks = default_callbacks(cfg)
         self.ctx = LossContext(step=self.step, total_steps=self.total_steps, epoch=self.epoch, encoder=self.encoder,
@@ -349,11 +350,6 @@ class Trainer:
         """Seconds of this run so far, summed over every session (a resumed run continues the count)."""
         return self.wall_time_before + time.monotonic() - self._t_fit
 
-    @property
-    def images_per_step(self) -> int:
-        """Images one optimisation step of the whole job encodes (every view, every process)."""
-        return int(self.cfg.data.batch_size) * len(self.views) * dist.world_size()
-
     def _fit(self) -> dict:
         """The training loop; periodic work (logging, validation, last.pt, preemption) is in self.callbacks."""
         self._t_fit = self.last_save_time = time.monotonic()
@@ -375,6 +371,7 @@ class Trainer:
                 logs = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
+                self.images_seen += len(batch["label"]) * len(self.views) * dist.world_size()  # the whole job's
                 self.unsaved_changes = True
                 self.bar.update(1)
                 self._call("on_step_end", logs)
