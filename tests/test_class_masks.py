@@ -113,16 +113,16 @@ def test_distill_loads_the_packaged_mask_of_its_split(shared_splits):
     split_dir = shared_splits / "Sketchy/zeroshot1"
     names = class_names(split_dir)
     term = distill("wordnet")
-    term.on_train_start(LossContext(extras={"class_names": names, "split_dir": split_dir, "synthetic": False}), names)
+    term.on_train_start(LossContext(class_names=names, split_dir=split_dir), names)
     assert term.class_mask.dtype == torch.float32
     assert torch.equal(term.class_mask, torch.from_numpy(sake_matrix(split_dir).astype(np.float32)))
 
     synthetic = distill("wordnet")  # the generated benchmark's glyphs have no ImageNet classes: off, with a log line
-    synthetic.on_train_start(LossContext(extras={"class_names": ["a"], "split_dir": Path("x"), "synthetic": True}), ["a"])
+    synthetic.on_train_start(LossContext(class_names=["a"], split_dir=None), ["a"])
     assert synthetic.mask_path is None and synthetic.class_mask is None
 
     unknown = distill("wordnet")
-    ctx = LossContext(extras={"class_names": names, "split_dir": Path("/data/Mine/zeroshot"), "synthetic": False})
+    ctx = LossContext(class_names=names, split_dir=Path("/data/Mine/zeroshot"))
     with pytest.raises(LossConfigError, match=r"loss.distill.mask: no packaged class mask .*loss.distill.mask=null"):
         unknown.on_train_start(ctx, names)
 
@@ -132,12 +132,12 @@ def test_distill_reads_a_json_table_written_by_the_builder(tmp_path):
              "a": {"synsets": [], "from": "class name", "row": {"999": 1.0}}}
     path = masks.write_table(table, "Mine/zeroshot", tmp_path)
     term = distill(str(path))
-    term.on_train_start(LossContext(extras={"class_names": ["a", "b"]}), ["a", "b"])
+    term.on_train_start(LossContext(class_names=["a", "b"]), ["a", "b"])
     assert term.class_mask.shape == (2, 1000)
     assert float(term.class_mask[0, 999]) == 1.0 and float(term.class_mask[1, 3]) == 0.25
     assert float(term.class_mask.sum()) == 1.25
     with pytest.raises(LossConfigError, match=r"no row for classes \['c'\]"):
-        distill(str(path)).on_train_start(LossContext(extras={"class_names": ["a", "c"]}), ["a", "c"])
+        distill(str(path)).on_train_start(LossContext(class_names=["a", "c"]), ["a", "c"])
 
 
 def test_sake_preset_uses_the_packaged_masks(compose_cfg):

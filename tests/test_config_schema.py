@@ -45,14 +45,15 @@ def test_wrong_types_are_named_with_the_expected_type(compose_cfg):
 
 def test_choices_and_ranges(compose_cfg):
     message = problems(compose_cfg, "trainer.precision=fp8", "eval.protocol=trec", "sched.name=linear",
-                       "data.augment=mixup", "trainer.device=gpu0", "data.batch_size=0", "logger.name=mlflow")
+                       "data.augment=mixup", "trainer.device=gpu0", "data.batch_size=0",
+                       "logger._target_=zsbir.tracking.mlflow.Tracker")
     assert "trainer.precision='fp8': must be one of bf16|fp16|fp32" in message
     assert "eval.protocol='trec': must be one of voc|plain" in message
     assert "sched.name='linear': must be one of constant|cosine|exp" in message
     assert "data.augment='mixup': must be one of none|flip|sake|dsn|clip" in message
     assert "trainer.device='gpu0': must be auto, cpu, mps, cuda or cuda:<index>" in message
     assert "data.batch_size=0: must be >= 2" in message
-    assert "logger.name='mlflow': must be one of none|wandb" in message
+    assert "logger._target_='zsbir.tracking.mlflow.Tracker' cannot be imported" in message
     validate_config(compose_cfg("trainer.device=cuda:1", "trainer.precision=fp32"))
 
 

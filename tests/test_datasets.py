@@ -199,8 +199,22 @@ def test_corrupt_image_error_names_the_file_list_and_line(compose_cfg, tree):
 
 
 # ----------------------------------------------------------------------------- training samples
-def test_triplets_never_pair_a_negative_of_the_anchor_class(compose_cfg, tree):
-    data = load_split(tiny_cfg(compose_cfg, "tuberlin", tree("tuberlin")))
+@pytest.fixture(params=["real_lists", "synthetic"])
+def training_split(request, compose_cfg):
+    """training_split(dataset) -> SplitData: a tiny tree of the real lists (needs ../shared/splits), or the
+    generated benchmark, so that a clone without the split lists still runs the sampler checks."""
+
+    def load(dataset: str):
+        if request.param == "synthetic":
+            return load_split(compose_cfg("data=synthetic").data, seed=0)
+        tree = request.getfixturevalue("tree")
+        return load_split(tiny_cfg(compose_cfg, dataset, tree(dataset)))
+
+    return load
+
+
+def test_triplets_never_pair_a_negative_of_the_anchor_class(training_split):
+    data = training_split("tuberlin")
     triplets = TripletDataset(data.root, data.train_sketch, data.train_photo, {"sketch": lambda x: x, "photo": lambda x: x},
                               seed=3)
     # Record which list item each view came from instead of decoding images.
@@ -221,8 +235,8 @@ def test_triplets_never_pair_a_negative_of_the_anchor_class(compose_cfg, tree):
     assert sum(draws[(0, i)] != draws[(1, i)] for i in range(n)) > 0.9 * n  # fresh pairs every epoch
 
 
-def test_class_balanced_batches(compose_cfg, tree):
-    data = load_split(tiny_cfg(compose_cfg, "sketchy", tree("sketchy")))
+def test_class_balanced_batches(training_split):
+    data = training_split("sketchy")
     sampler = EpochBatchSampler(data.train_sketch.labels, 0, seed=1, classes_per_batch=5, items_per_class=2)
     labels = np.asarray(data.train_sketch.labels)
     for batch in sampler:

@@ -136,7 +136,7 @@ def test_two_process_training_matches_single_process_evaluation(tmp_path, zsbir_
     # The same checkpoint evaluated by one process gives the same metrics.
     single = Trainer(compose_cfg(*DIST_OVERRIDES), tmp_path / "single")
     single.encoder.load_state_dict(load_checkpoint(run_dirs[0] / "best.pt")["model"])
-    again = single.evaluate_unseen()
+    again = single.evaluator.evaluate(single.encoder)
     for key, value in metrics["test"].items():
         assert again[key] == pytest.approx(value, abs=1e-6), key
 

@@ -185,7 +185,7 @@ def test_user_mistakes_get_clear_errors(run_copy, tmp_path, evaluate_run, compos
 
 
 def test_eval_config_defaults_match_training(compose_cfg):
-    """configs/eval.yaml repeats train.yaml's eval node; the two must not drift apart."""
+    """Training and `python -m zsbir.eval` take their eval node from one file, configs/eval/default.yaml."""
     train = OmegaConf.to_container(compose_cfg().eval)
     train.pop("before_training")  # training only
     assert OmegaConf.to_container(compose_cfg("run_dir=x", config_name="eval").eval) == train

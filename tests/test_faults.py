@@ -124,7 +124,7 @@ def test_validation_of_a_diverged_model_names_the_split_instead_of_picking_it_as
         for parameter in trainer.encoder.parameters():
             parameter.fill_(float("nan"))
     with pytest.raises(NonFiniteEmbeddingsError, match=r"^\d+ of \d+ seen-class validation query \(sketch\) embeddings"):
-        trainer.validate_seen()
+        trainer.validate()
 
 
 # ----------------------------------------------------------------------------- 3. skipped steps leave no NaN
@@ -211,7 +211,7 @@ def test_validation_of_a_collapsed_model_warns(make_trainer):
     with torch.no_grad():
         for parameter in trainer.encoder.parameters():
             parameter.zero_()
-    trainer.validate_seen()
+    trainer.validate()
     assert trainer.warnings and all(w.startswith("seen-class validation at step 0: degenerate embeddings")
                                     for w in trainer.warnings)
 

@@ -187,7 +187,7 @@ def test_dsn_main_view_is_affine_only_and_contrastive_views_add_colour(compose_c
 
 
 def test_evaluation_embeddings_are_fp32_unless_opted_in(compose_cfg):
-    from zsbir.engine.trainer import amp_dtype
+    from zsbir.engine.device import amp_dtype
 
     cuda = torch.device("cuda")
     for preset in ("dann", "sake", "dsn", "sketch_lvm", "puxim", None):

@@ -210,26 +210,31 @@ def test_distillation_by_hand_with_the_class_mask(tmp_path):
     mask = {0: rng.random(1000).astype(np.float32), 1: rng.random(1000).astype(np.float32)}
     term = distill_term(tmp_path, mask, lambda_kd=1.0, kdneg=0.3)
     teacher_logits = torch.tensor(rng.normal(size=(2, 1000)), dtype=torch.float32)
-    term._teacher = (FixedTeacher(teacher_logits),)
     student = torch.tensor(rng.normal(size=(2, 1000)), dtype=torch.float32)
     batch = {"label": torch.tensor([1, 0]), "photo_pos": torch.zeros(2, 3, 4, 4)}
-    ctx = LossContext(extras={"class_names": ["a", "b"]}, encoder=type("E", (), {"norm": "imagenet"})())
-    value = term(batch, {"photo_pos": out(embedding=student, kd_logits=student)}, ctx)
+    ctx = LossContext(class_names=["a", "b"])
+    value = term(batch, {"photo_pos": out(embedding=student, kd_logits=student, teacher_logits=teacher_logits)}, ctx)
     q = softmax(teacher_logits.numpy() + 0.3 * np.stack([mask[1], mask[0]]))
     log_p = np.log(softmax(student.numpy()))
     assert float(value) == pytest.approx(float(-(q * log_p).sum(axis=1).mean()), rel=1e-5)
 
 
 def test_distillation_ignores_sketches(tmp_path):
+    from zsbir.models.auxiliary import TeacherLogits
+
     term = distill_term(tmp_path, None)
-    term._teacher = (FixedTeacher(torch.randn(3, 1000)),)
+    teacher = TeacherLogits(FixedTeacher(torch.randn(3, 1000)), "imagenet", term.views)
     photo = torch.randn(3, 1000)
     batch = {"label": torch.tensor([0, 1, 2]), "photo_pos": torch.zeros(3, 3, 4, 4), "sketch": torch.zeros(3, 3, 4, 4)}
-    ctx = LossContext(extras={"class_names": ["a", "b", "c"]})
-    values = [term(batch, {"photo_pos": out(embedding=photo, kd_logits=photo),
-                           "sketch": out(embedding=s, kd_logits=s)}, ctx) for s in (torch.randn(3, 1000), torch.randn(3, 1000) * 50)]
+    ctx = LossContext(class_names=["a", "b", "c"])
+    values = []
+    for s in (torch.randn(3, 1000), torch.randn(3, 1000) * 50):
+        outputs = {"photo_pos": out(embedding=photo, kd_logits=photo), "sketch": out(embedding=s, kd_logits=s)}
+        teacher(batch, outputs, type("E", (), {"norm": "imagenet"})())  # the training step's auxiliary pass
+        values.append(term(batch, outputs, ctx))
     assert torch.equal(values[0], values[1])
-    assert all(len(images) == 3 for images in term.teacher.seen)  # the teacher saw the photos only
+    assert [len(images) for images in teacher.teacher.seen] == [3, 3]  # the teacher saw the photos only
+    assert "teacher_logits" not in outputs["sketch"]
     with pytest.raises(LossConfigError, match="loss.distill.views"):
         distill_term(tmp_path, None, views=["sketch"])
 
@@ -248,14 +253,15 @@ def test_distillation_teacher_follows_the_model(compose_cfg):
     assert (smoke.loss.distill.teacher_pretrained, smoke.loss.distill.teacher_tiny) == (None, True)
 
 
-def test_distillation_teacher_gets_its_own_normalisation(tmp_path):
-    term = distill_term(tmp_path, None)
+def test_distillation_teacher_gets_its_own_normalisation():
+    from zsbir.models.encoder import renormalize
+
     raw = torch.rand(2, 3, 4, 4)
     (mc, sc), (mi, si) = NORMALIZATION["clip"], NORMALIZATION["imagenet"]
     as_clip = (raw - torch.tensor(mc).view(1, 3, 1, 1)) / torch.tensor(sc).view(1, 3, 1, 1)
     as_imagenet = (raw - torch.tensor(mi).view(1, 3, 1, 1)) / torch.tensor(si).view(1, 3, 1, 1)
-    assert torch.allclose(term._teacher_input(as_clip, "clip"), as_imagenet, atol=1e-5)
-    assert term._teacher_input(as_imagenet, "imagenet") is as_imagenet
+    assert torch.allclose(renormalize(as_clip, "clip", "imagenet"), as_imagenet, atol=1e-5)
+    assert renormalize(as_imagenet, "imagenet", "imagenet") is as_imagenet
 
 
 def test_class_mask_loading_is_safe_and_checked(tmp_path):
@@ -284,10 +290,10 @@ def test_class_mask_loading_is_safe_and_checked(tmp_path):
 def test_class_mask_missing_file_or_off(tmp_path):
     missing = distill_term(tmp_path, None)
     missing.mask_path = "cid_mask.pickle"
-    ctx = LossContext(extras={"class_names": ["a"], "split_dir": tmp_path / "zeroshot1", "synthetic": False})
+    ctx = LossContext(class_names=["a"], split_dir=tmp_path / "zeroshot1")
     with pytest.raises(LossConfigError, match=r"zeroshot1/cid_mask.pickle does not exist.*loss.distill.mask=null"):
         missing.on_train_start(ctx, ["a"])
-    ctx.extras["synthetic"] = True
+    ctx.split_dir = None  # a dataset without split files of its own (the generated benchmark)
     missing.mask_path = str(tmp_path / "elsewhere" / "cid_mask.pickle")  # an explicit path must exist, always
     with pytest.raises(LossConfigError, match="elsewhere/cid_mask.pickle does not exist"):
         missing.on_train_start(ctx, ["a"])
@@ -373,7 +379,7 @@ def test_memory_by_hand_and_gradient_into_photo_features():
     from zsbir.losses.memory import CategoryMemoryLoss
 
     term = CategoryMemoryLoss(slots=2, views=["sketch", "photo_pos"])
-    ctx = LossContext(extras={"class_names": ["a", "b"]})
+    ctx = LossContext(class_names=["a", "b"])
     sketch = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
     photo = torch.tensor([[1.0, 1.0], [1.0, 0.0]], requires_grad=True)
     batch, outputs = memory_inputs(sketch, photo, [0, 1])
@@ -389,7 +395,7 @@ def test_memory_is_fifo_per_class_and_checkpointed():
     from zsbir.losses.memory import CategoryMemoryLoss
 
     term = CategoryMemoryLoss(slots=2, views=["sketch", "photo_pos"])
-    ctx = LossContext(extras={"class_names": ["a", "b", "c"]})
+    ctx = LossContext(class_names=["a", "b", "c"])
     photo = torch.ones(1, 2)
     for value, label in ((1.0, 0), (2.0, 0), (5.0, 1), (3.0, 0)):
         term(*memory_inputs(torch.full((1, 2), value), photo, [label]), ctx)
@@ -408,7 +414,7 @@ def test_memory_skips_photos_of_classes_it_has_not_seen():
     from zsbir.losses.memory import CategoryMemoryLoss
 
     term = CategoryMemoryLoss(slots=2, views=["sketch", "photo_neg"])
-    ctx = LossContext(extras={"class_names": ["a", "b"]})
+    ctx = LossContext(class_names=["a", "b"])
     photo = torch.randn(1, 2, requires_grad=True)
     batch = {"label": torch.tensor([0]), "neg_label": torch.tensor([1])}
     sketch = torch.randn(1, 2)
@@ -431,7 +437,7 @@ def test_clip_text_by_hand():
 
     sketch, photo = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 3.0]])
     batch = {"label": torch.tensor([1])}
-    ctx = LossContext(encoder=TextEncoder(), extras={"class_names": ["cat", "dog", "cow"]})
+    ctx = LossContext(encoder=TextEncoder(), class_names=["cat", "dog", "cow"])
     value = CLIPTextLoss(views=["sketch", "photo_pos"])(batch, {"sketch": out(embedding=sketch), "photo_pos": out(embedding=photo)}, ctx)
     r = 1 / math.sqrt(2)
     sketch_logits, photo_logits = 10 * np.array([1.0, 0.0, r]), 10 * np.array([0.0, 1.0, r])
@@ -444,7 +450,7 @@ def test_clip_text_needs_a_text_tower():
     from zsbir.models.cnn import CNNEncoder
 
     encoder = CNNEncoder(tiny=True, embed_dim=8)
-    ctx = LossContext(encoder=encoder, extras={"class_names": ["cat"]})
+    ctx = LossContext(encoder=encoder, class_names=["cat"])
     with pytest.raises(LossConfigError, match="model=clip_prompt"):
         CLIPTextLoss().on_train_start(ctx, ["cat"])
 
@@ -502,7 +508,7 @@ def _gather_worker(rank: int, world_size: int, init_file: str, result_file: str)
 
         memory = CategoryMemoryLoss(slots=4, views=["sketch", "photo_pos"])
         sketch = torch.full((1, 2), float(rank + 1))  # rank 0 stores class 0, rank 1 class 1
-        memory(*memory_inputs(sketch, torch.ones(1, 2), [rank]), LossContext(extras={"class_names": ["a", "b"]}))
+        memory(*memory_inputs(sketch, torch.ones(1, 2), [rank]), LossContext(class_names=["a", "b"]))
         torch.save({"gathered": gathered.detach(), "grad": x.grad, "supcon": value.detach(), "bank": memory.bank,
                     "writes": memory.writes}, f"{result_file}.{rank}")
     finally:

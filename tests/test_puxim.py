@@ -167,6 +167,7 @@ def test_each_puxim_loss_decreases_on_a_fixed_batch(compose_cfg, tmp_path):
     trainer = Trainer(cfg, tmp_path / "run")
     terms = trainer.loss_set.terms
     assert terms["puxim_recon"].sampler is terms["puxim_match"].sampler  # one VxL CLIP for both
+    masked_pass, = trainer.loss_set.auxiliary_passes  # one masked photo pass per step for both terms
     assert terms["puxim_recon"].cache_masks  # data.augment=none
     trainer.loss_set.on_train_start(trainer.ctx, trainer.data.seen_classes)
     trainer.sampler.set_epoch(0)
@@ -179,7 +180,7 @@ def test_each_puxim_loss_decreases_on_a_fixed_batch(compose_cfg, tmp_path):
         history.append({k: float(v) for k, v in logs.items()})
     # the masks of the batch's photos are cached (computed at the first step, reused after)
     photos = set(batch["pos_index"].tolist()) | set(batch["neg_index"].tolist())
-    assert set(terms["puxim_recon"]._mask_cache) == photos
+    assert set(masked_pass.mask_cache) == photos
     for term in ("triplet", "puxim_recon", "puxim_match"):
         values = [h[f"loss/{term}"] for h in history]
         assert all(torch.isfinite(torch.tensor(values))), (term, values)
@@ -192,7 +193,7 @@ def test_reconstruction_target_is_the_unmasked_encoding_and_carries_no_gradient(
     trainer = Trainer(compose_cfg(*SMOKE), tmp_path / "run")
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.train_loader))
-    outputs = trainer.encode_views(batch)
+    outputs = trainer.step_outputs(batch)
     recon = trainer.loss_set.terms["puxim_recon"]
     loss = recon(batch, outputs, trainer.ctx)
     target_grad = torch.autograd.grad(loss, outputs["photo_pos"]["tokens"], retain_graph=True, allow_unused=True)[0]

@@ -21,7 +21,8 @@ from PIL import Image
 
 from zsbir.data.filelist import DatasetError
 from zsbir.engine import checkpoint
-from zsbir.engine.checkpoint import CheckpointError, RunDirectoryBusyError, load_checkpoint, save_atomic
+from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from zsbir.engine.rundir import RunDirectoryBusyError
 from zsbir.engine.preemption import EXIT_PREEMPTED, PreemptedError
 from zsbir.engine.seed import rng_state, set_rng_state
 from zsbir.engine.trainer import NonFiniteLossError, Trainer

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from zsbir.engine.checkpoint import load_checkpoint
 from zsbir.train import run
@@ -46,7 +45,10 @@ def test_run_directory_holds_everything(trained):
     for key in ("map_all", "prec_100", "map_200", "prec_200"):
         assert 0 <= metrics["test"][key] <= 1
     info = json.loads((run_dir / "run_info.json").read_text())
-    assert info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"]
+    from importlib import metadata
+
+    for package in ("torch", "timm", "hydra-core", "numpy"):  # the installed versions, not just any string
+        assert info["packages"][package] == metadata.version(package), package
     assert "commit" in info["git"]
     # Checkpoints load with weights_only=True (load_checkpoint uses it) and carry the step.
     assert load_checkpoint(run_dir / "last.pt")["step"] == metrics["steps"]

@@ -319,12 +319,20 @@ def time_ours(data, args) -> dict:
 
     import torch
 
-    from zsbir.eval.metrics import retrieval_metrics
+    from omegaconf import OmegaConf
 
+    from zsbir.eval.evaluator import Evaluator
+    from zsbir.eval.retrieval import Embeddings
+
+    # Scored by the Evaluator the trainer and the eval CLI use (protocol zs, voc metrics).
+    eval_cfg = OmegaConf.create({"protocol": "voc", "per_class": False, "chunk_size": args.chunk_size,
+                                 **{k: list(v) for k, v in METRIC_ARGS.items()}})
+    scorer = Evaluator(None, None, eval_cfg, norm=None, device=torch.device(args.device))
     data = {k: v.to(args.device) for k, v in data.items()}
+    embeddings = Embeddings(data["query_emb"], data["query_labels"], data["gallery_emb"], data["gallery_labels"])
     baseline = _memory_before(args.device)
     start = time.perf_counter()
-    values = retrieval_metrics(**data, chunk_size=args.chunk_size, **METRIC_ARGS)
+    values = scorer.score(embeddings)
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -23,11 +23,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from zsbir.data.synthetic import SyntheticSpec
-from zsbir.data.transforms import RECIPES
-from zsbir.engine.optim import SCHEDULES
+from zsbir.choices import AUGMENT_RECIPES, ENCODE_MODES, LR_SCHEDULES, SyntheticSpec, metric_names
 from zsbir.errors import ConfigError
-from zsbir.models.encoder import ENCODE_MODES
 
 
 def option(default: Any = MISSING, *, choices: tuple | None = None, minimum: float | None = None,
@@ -103,7 +100,7 @@ class EvalSchema:
 
 @dataclass(kw_only=True)
 class SchedSchema:
-    name: str = option(choices=SCHEDULES)
+    name: str = option(choices=LR_SCHEDULES)
     warmup_steps: int = option(0, minimum=0)
     warmup_fraction: float = option(0.0, minimum=0, maximum=1)
     min_lr_ratio: float = option(0.0, minimum=0, maximum=1)
@@ -115,20 +112,6 @@ class PathsSchema:
     data_dir: str = option()
     cache_dir: str = option()
     output_dir: str = option()
-
-
-@dataclass(kw_only=True)
-class LoggerSchema:
-    name: str = option(choices=("none", "wandb"))
-    # logger=wandb (zsbir/tracking_wandb.py)
-    project: Optional[str] = option(None)
-    entity: Optional[str] = option(None)
-    group: Optional[str] = option(None)
-    tags: Optional[List[str]] = option(None)
-    job_type: Optional[str] = option(None)
-    mode: Optional[str] = option(None, choices=("online", "offline", "disabled"))
-    run_name: Optional[str] = option(None)
-    init_timeout_s: float = option(90, minimum=0)
 
 
 @dataclass(kw_only=True)
@@ -167,8 +150,8 @@ class DataSchema:
     counts: Optional[Dict[str, Optional[int]]] = option(None)
     metrics: List[str] = option()
     image_size: int = option(minimum=1)
-    augment: str = option(choices=RECIPES)
-    augment_views: Optional[str] = option(None, choices=RECIPES)  # recipe of the extra views (_v2, _v3)
+    augment: str = option(choices=AUGMENT_RECIPES)
+    augment_views: Optional[str] = option(None, choices=AUGMENT_RECIPES)  # recipe of the extra views (_v2, _v3)
     sampler: str = option("triplets", choices=("triplets", "streams"))
     stream_batch: Optional[StreamBatchSchema] = option(None)  # data.sampler=streams: images per step
     by_dataset: Optional[Dict[str, Any]] = option(None)  # presets: {dataset name: values that differ per dataset}
@@ -197,9 +180,10 @@ class RootSchema:
 
 # group -> schema; the groups in INSTANTIATED are checked against their `_target_` instead.
 GROUP_SCHEMAS = {"trainer": TrainerSchema, "eval": EvalSchema, "sched": SchedSchema, "paths": PathsSchema,
-                 "logger": LoggerSchema, "data": DataSchema}
+                 "data": DataSchema}
 # group -> (keys the builder removes before instantiating, arguments the builder passes itself)
-INSTANTIATED = {"model": ({"name", "encode"}, {"num_classes"}), "optim": ({"name"}, {"params"})}
+INSTANTIATED = {"model": ({"name", "encode"}, {"num_classes"}), "optim": ({"name"}, {"params"}),
+                "logger": ({"name"}, {"run_dir", "cfg", "resume_state"})}
 FLOAT32_MAX = 3.4028234663852886e38
 LOSS_TERM_KEYS = ({"weight"}, set())
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
@@ -349,12 +333,6 @@ def _check_loss(loss: Any) -> list[str]:
     return problems
 
 
-def metric_names(eval_cfg: dict) -> list[str]:
-    """The metric keys the evaluator reports for this `eval` config."""
-    return (["map_all"] + [f"map_{k}" for k in eval_cfg.get("map_at") or []]
-            + [f"prec_{k}" for k in eval_cfg.get("prec_at") or []])
-
-
 def _check_across_groups(values: dict) -> list[str]:
     """Rules that tie groups together; metric names would otherwise fail only after an epoch."""
     trainer, data, eval_cfg = (values.get(g) if isinstance(values.get(g), dict) else {} for g in ("trainer", "data", "eval"))
@@ -371,7 +349,7 @@ def _check_across_groups(values: dict) -> list[str]:
     if not all(isinstance(k, int) for _, k in cutoffs):
         return problems  # eval.map_at / prec_at themselves are wrong, and reported as such
     problems += [f"eval.{key} contains {k}: a cut-off K must be >= 1" for key, k in cutoffs if k < 1]
-    known = metric_names(eval_cfg)
+    known = metric_names(eval_cfg.get("map_at") or [], eval_cfg.get("prec_at") or [])
     hint = f"the evaluator reports {'|'.join(known)} (set by eval.map_at / eval.prec_at)"
     select = trainer.get("select_metric")
     if isinstance(select, str) and select not in known:

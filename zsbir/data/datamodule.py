@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from zsbir.data.filelist import (DatasetError, FileList, build_filelist_from_folders, check_labels, find_missing,
                                  read_class_file, read_filelist)
-from zsbir.data.imagecache import CachedImages
+from zsbir.data.imagecache import PreResizedImages
 from zsbir.data.pairs import EpochBatchSampler, ImageListDataset, TripletDataset, seed_worker
 from zsbir.data.streams import StreamBatchSampler, StreamDataset, collate_streams
 from zsbir.data.transforms import build_transform
@@ -38,7 +38,7 @@ class SplitData:
     val_photo: FileList  # seen-class gallery for validation (a subset of train photos)
     zero_sketch: FileList  # unseen-class queries
     zero_photo: FileList  # unseen-class gallery
-    pixels: CachedImages | None = None  # the pre-resized image cache (data.image_cache), if any
+    pixels: PreResizedImages | None = None  # the pre-resized image cache (data.image_cache), if any
 
     def counts(self) -> dict[str, int]:
         return {
@@ -68,8 +68,9 @@ LIST_KEYS = ("train_sketch", "train_photo", "val_sketch", "zero_sketch", "zero_p
 UNREADABLE_RECORD = "zsbir_unreadable.txt"  # written into the split folder by `prepare verify=true`
 
 
-def domain_of(key: str) -> str:
-    return "sketch" if "sketch" in key else "photo"
+def domain_of(list_key: str) -> str:
+    """The domain of a file-list key (`train_sketch` -> sketch)."""
+    return "sketch" if list_key.endswith("_sketch") else "photo"
 
 
 def prepare_command(data_cfg, root: Path) -> str:
@@ -125,7 +126,7 @@ def read_unreadable_record(split: Path) -> set[str]:
 
 
 def drop_unavailable(lists: dict[str, FileList], root: Path, split: Path, data_cfg,
-                     pixels: CachedImages | None = None) -> dict[str, FileList]:
+                     pixels: PreResizedImages | None = None) -> dict[str, FileList]:
     """Find listed images that a run could not read.
 
     Without an image cache: files that are missing, or recorded unreadable by `prepare
@@ -184,7 +185,7 @@ def load_split(data_cfg, seed: int = 0) -> SplitData:
     else:
         _check_counts(str(data_cfg.name), root, {"seen_classes": len(seen), "unseen_classes": len(unseen),
                                                  **{k: len(v) for k, v in lists.items()}}, data_cfg.get("counts"))
-    pixels = CachedImages(str(data_cfg.image_cache)) if data_cfg.get("image_cache") else None
+    pixels = PreResizedImages(str(data_cfg.image_cache)) if data_cfg.get("image_cache") else None
     lists = drop_unavailable(lists, root, split, data_cfg, pixels)
     train_sketch = lists["train_sketch"]
     rng = np.random.default_rng(seed)

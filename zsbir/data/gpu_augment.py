@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zsbir.data.pairs import item_seed
+from zsbir.data.pairs import GPU_AUGMENT_STREAMS, item_seed
 from zsbir.data.transforms import RECIPES
 from zsbir.models.encoder import NORMALIZATION
 
@@ -31,14 +31,13 @@ N_DRAWS = 16
 FLIP, AFFINE_P, ANGLE, SHIFT_X, SHIFT_Y, SCALE, JITTER_P, BRIGHT, CONTRAST, SATUR, HUE, GRAY_P, CROP_AREA, \
     CROP_RATIO, CROP_X, CROP_Y = range(N_DRAWS)
 # Streams distinct from the CPU transforms' (1 + view position), for the same (seed, epoch, index).
-STREAM_OFFSET = 1000
 AFFINE_SHIFT = 10 / 224  # SAKE's +-10 px at 224, as a fraction of the side
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 def uniform_draws(seed: int, epoch: int, indices, stream: int) -> torch.Tensor:
     """B x N_DRAWS uniforms in [0, 1), one seeded generator per sample."""
-    rows = [np.random.default_rng(item_seed(seed, epoch, int(i), STREAM_OFFSET + stream)).random(N_DRAWS)
+    rows = [np.random.default_rng(item_seed(seed, epoch, int(i), GPU_AUGMENT_STREAMS + stream)).random(N_DRAWS)
             for i in indices]
     return torch.as_tensor(np.stack(rows), dtype=torch.float32)
 

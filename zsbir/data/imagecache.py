@@ -106,7 +106,7 @@ def build_image_cache(root: Path, lists: dict[str, tuple[FileList, str]], out_di
     return unreadable_paths
 
 
-class CachedImages:
+class PreResizedImages:
     """Read-only view of a cache folder: `image(domain, relative path)` -> PIL image (S x S RGB).
 
     The memory maps open lazily in each process (a pickled memmap would copy its data

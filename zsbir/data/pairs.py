@@ -18,12 +18,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from zsbir.data.filelist import DatasetError, FileList
-from zsbir.data.imagecache import CachedImages
+from zsbir.data.imagecache import PreResizedImages
+from zsbir.data.views import STREAM_VIEWS, TRIPLET_VIEWS, VIEWS
 from zsbir.engine.preemption import ignore_stop_signals
 from zsbir.errors import ConfigError
-
-VIEWS = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2")
-STREAM_VIEWS = ("sketch", "sketch_v2", "sketch_v3", "photo", "photo_v2", "photo_v3")  # zsbir/data/streams.py
 
 
 def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
@@ -41,16 +39,23 @@ def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
         ) from err
 
 
+# Every item_seed stream, in one place so that no two users draw the same numbers:
+# 1..len(views): the CPU augmentation of each view of an item (TripletDataset).
+SAMPLER_STREAM = 999  # the batch order of an epoch (EpochBatchSampler)
+LOADER_STREAM = 998  # the train DataLoader's generator (Trainer)
+GPU_AUGMENT_STREAMS = 1000  # + view number: GPU-side augmentation (zsbir/data/gpu_augment.py)
+
+
 def item_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
     """A 63-bit seed that depends on all of (seed, epoch, index, stream)."""
     return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class ImageCache:
+class ImageSource:
     """Where images come from: the pre-resized cache when given (`data.image_cache`), else the
     files, decoded ones kept in memory (per process) when `enabled` (small datasets only)."""
 
-    def __init__(self, enabled: bool, pixels: CachedImages | None = None):
+    def __init__(self, enabled: bool, pixels: PreResizedImages | None = None):
         self.enabled, self.pixels = enabled, pixels
         self.images: dict[tuple[str, int], Image.Image] = {}
 
@@ -69,11 +74,11 @@ class ImageListDataset(Dataset):
     """One file list (a query or gallery set) for embedding: returns (image, label, index)."""
 
     def __init__(self, root: Path, filelist: FileList, transform: Callable, cache_images: bool = False,
-                 domain: str | None = None, pixels: CachedImages | None = None):
+                 domain: str | None = None, pixels: PreResizedImages | None = None):
         if pixels is not None and domain not in ("sketch", "photo"):
             raise ValueError(f"reading from an image cache needs domain='sketch' or 'photo', got {domain!r}")
         self.root, self.filelist, self.transform, self.domain = Path(root), filelist, transform, domain
-        self.cache = ImageCache(cache_images, pixels)
+        self.cache = ImageSource(cache_images, pixels)
 
     def __len__(self) -> int:
         return len(self.filelist)
@@ -88,15 +93,15 @@ class TripletDataset(Dataset):
 
     def __init__(self, root: Path, sketches: FileList, photos: FileList, transforms: dict[str, Callable],
                  views: tuple[str, ...] = ("sketch", "photo_pos", "photo_neg"), seed: int = 0,
-                 cache_images: bool = False, pixels: CachedImages | None = None):
-        unknown = set(views) - set(VIEWS)
+                 cache_images: bool = False, pixels: PreResizedImages | None = None):
+        unknown = set(views) - set(TRIPLET_VIEWS)
         if unknown:
             hint = (" (views of two-stream batches: set data.sampler=streams)" if unknown <= set(STREAM_VIEWS) else "")
             raise ValueError(f"triplet batches (data.sampler=triplets) have no views {sorted(unknown)}{hint}; "
-                             f"they have {list(VIEWS)}")
+                             f"they have {list(TRIPLET_VIEWS)}")
         self.root, self.sketches, self.photos = Path(root), sketches, photos
         self.transforms, self.views, self.seed = transforms, tuple(views), seed
-        self.cache = ImageCache(cache_images, pixels)
+        self.cache = ImageSource(cache_images, pixels)
         labels = np.asarray(photos.labels)
         self.photos_by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
         self.photo_classes = np.array(sorted(self.photos_by_class))
@@ -120,16 +125,10 @@ class TripletDataset(Dataset):
         # pos_index / neg_index: the photos' indices in the training photo list (PuXIM caches
         # its per-photo patch masks under them)
         item = {"label": label, "neg_label": neg_label, "index": index, "pos_index": pos, "neg_index": neg}
-        sources = {
-            "sketch": (self.sketches, index, "sketch"),
-            "sketch_v2": (self.sketches, index, "sketch"),
-            "photo_pos": (self.photos, pos, "photo"),
-            "photo_pos_v2": (self.photos, pos, "photo"),
-            "photo_neg": (self.photos, neg, "photo"),
-        }
         loaded: dict[tuple[int, int], Image.Image] = {}
         for stream, view in enumerate(self.views):
-            filelist, i, domain = sources[view]
+            domain = VIEWS[view].domain
+            filelist, i = (self.sketches if domain == "sketch" else self.photos), item[VIEWS[view].index_key]
             cache_key = (id(filelist), i)
             if cache_key not in loaded:
                 loaded[cache_key] = self.cache.get(self.root, filelist, i, domain)
@@ -179,7 +178,7 @@ class EpochBatchSampler(Sampler):
         return (len(self.labels) // self.batch_size) // self.world_size
 
     def _global_batches(self) -> list[np.ndarray]:
-        rng = np.random.default_rng(item_seed(self.seed, self.epoch, 0, stream=999))
+        rng = np.random.default_rng(item_seed(self.seed, self.epoch, 0, stream=SAMPLER_STREAM))
         n_batches = len(self.labels) // self.batch_size
         if not self.balanced:
             order = rng.permutation(len(self.labels))

@@ -26,8 +26,9 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from zsbir.data.filelist import DatasetError, FileList
-from zsbir.data.imagecache import CachedImages
-from zsbir.data.pairs import STREAM_VIEWS, VIEWS, ImageCache, item_seed
+from zsbir.data.imagecache import PreResizedImages
+from zsbir.data.pairs import ImageSource, item_seed
+from zsbir.data.views import STREAM_VIEWS, TRIPLET_VIEWS
 
 SKETCH, PHOTO = 0, 1
 STREAM_SEED = 997  # item_seed stream of the permutations (triplet batches use 999)
@@ -37,7 +38,7 @@ def stream_views(views: tuple[str, ...]) -> tuple[str, ...]:
     """The views checked against what two-stream batches hold; a clear error for triplet-only views."""
     unknown = [v for v in views if v not in STREAM_VIEWS]
     if unknown:
-        hint = " (views of triplet batches: set data.sampler=triplets)" if set(unknown) <= set(VIEWS) else ""
+        hint = " (views of triplet batches: set data.sampler=triplets)" if set(unknown) <= set(TRIPLET_VIEWS) else ""
         raise DatasetError(f"two-stream batches (data.sampler=streams) have no views {unknown}{hint}; they have "
                            f"{list(STREAM_VIEWS)}: set each loss term's `views` to these (e.g. loss.ce.views=[sketch,photo])")
     return views
@@ -47,10 +48,10 @@ class StreamDataset(Dataset):
     """Seeded sketch and photo items; indexed by (epoch, SKETCH or PHOTO, index in that list)."""
 
     def __init__(self, root: Path, sketches: FileList, photos: FileList, transforms: dict[str, Callable],
-                 views: tuple[str, ...], seed: int = 0, cache_images: bool = False, pixels: CachedImages | None = None):
+                 views: tuple[str, ...], seed: int = 0, cache_images: bool = False, pixels: PreResizedImages | None = None):
         self.root, self.lists = Path(root), {SKETCH: sketches, PHOTO: photos}
         self.transforms, self.views, self.seed = transforms, stream_views(tuple(views)), seed
-        self.cache = ImageCache(cache_images, pixels)
+        self.cache = ImageSource(cache_images, pixels)
 
     def __len__(self) -> int:
         return len(self.lists[SKETCH]) + len(self.lists[PHOTO])

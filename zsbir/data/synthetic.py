@@ -21,11 +21,13 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from zsbir.choices import SyntheticSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +42,10 @@ LISTS = {
 }
 
 
-@dataclass(frozen=True)
-class SyntheticSpec:
-    seed: int = 0
-    seen_classes: int = 60
-    unseen_classes: int = 15
-    sketches_per_class: int = 24  # train sketches per seen class / zero-shot sketches per unseen class
-    photos_per_class: int = 24
-    val_sketches_per_class: int = 6  # held-out sketches of seen classes, for model selection
-    image_size: int = 64
-
-    def digest(self) -> str:
-        payload = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+def spec_digest(spec: SyntheticSpec) -> str:
+    """Short hash of the spec and the generator version: the benchmark's cache folder name."""
+    payload = json.dumps({"version": GENERATOR_VERSION, **asdict(spec)}, sort_keys=True)
+    return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- glyphs
@@ -268,7 +261,7 @@ def _write_split(root: Path, spec: SyntheticSpec) -> None:
 
 def ensure_synthetic(cache_dir: str | os.PathLike, spec: SyntheticSpec) -> Path:
     """Generate the benchmark under `cache_dir` unless it already exists; return its root."""
-    root = Path(cache_dir).expanduser() / f"synthetic-{spec.digest()}"
+    root = Path(cache_dir).expanduser() / f"synthetic-{spec_digest(spec)}"
     if (root / "spec.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)

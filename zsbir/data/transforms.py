@@ -14,9 +14,9 @@ from __future__ import annotations
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
+from zsbir.choices import AUGMENT_RECIPES as RECIPES
 from zsbir.models.encoder import NORMALIZATION
 
-RECIPES = ("none", "flip", "sake", "dsn", "clip")
 WHITE = (255, 255, 255)
 
 

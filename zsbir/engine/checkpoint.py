@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from zsbir.engine.rundir import RunDirectoryBusyError, RunDirectoryLock  # noqa: F401  (their former home)
 from zsbir.errors import ZsbirError
 
 log = logging.getLogger(__name__)
@@ -107,3 +106,61 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu",
         raise CheckpointError(
             f"cannot load checkpoint {path}: {err}. It may be truncated or not a zsbir checkpoint; {fix}"
         ) from err
+
+
+# ---------------------------------------------------------------------------- format and fingerprint
+# A checkpoint is a dict with `format`, `fingerprint`, `config`, `model` (the encoder's
+# state) and the training state the Trainer adds (optimizer, scheduler, step, RNG, ...).
+# Training (resume, best.pt for the final test) and `python -m zsbir.eval` read it only
+# through the functions below.
+CHECKPOINT_FORMAT = 1
+
+
+def fingerprint(cfg, loss_terms, dataset: str, seen_classes: int) -> dict:
+    """What a checkpoint must match to be loaded into a run: model config, loss terms, data."""
+    from omegaconf import OmegaConf
+
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "loss_terms": sorted(loss_terms),
+        "dataset": dataset,
+        "seen_classes": int(seen_classes),
+    }
+
+
+def checkpoint_state(fingerprint_: dict, cfg, encoder_state: dict, **training_state) -> dict:
+    """The dict written as best.pt / last.pt."""
+    from omegaconf import OmegaConf
+
+    return {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint_,
+            "config": OmegaConf.to_container(cfg, resolve=True), "model": encoder_state, **training_state}
+
+
+def check_format(state: dict, path: Path) -> None:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "fingerprint" not in state \
+            or "model" not in state:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a zsbir training checkpoint of format {CHECKPOINT_FORMAT} (found "
+                              f"{found!r}); pass a best.pt / last.pt written by zsbir.train")
+
+
+def check_fingerprint(state: dict, ours: dict, path: Path, hint: str) -> None:
+    """Raise CheckpointError naming every fingerprint key (of `ours`) the checkpoint differs in."""
+    check_format(state, path)
+    theirs = state["fingerprint"]
+    diffs = changed_keys({k: theirs.get(k) for k in ours}, ours, before="checkpoint ", after="config ")
+    if diffs:
+        raise CheckpointError(f"{path} was written by a different model or config ({'; '.join(diffs)}). {hint}")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "", before: str = "", after: str = "") -> list[str]:
+    """`key: <before>old -> <after>new` for every dotted key whose value differs between two plain dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, path + ".", before, after)
+        elif a != b:
+            changed.append(f"{path}: {before}{a!r} -> {after}{b!r}")
+    return changed

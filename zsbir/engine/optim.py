@@ -13,7 +13,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-SCHEDULES = ("constant", "cosine", "exp")
+from zsbir.choices import LR_SCHEDULES as SCHEDULES
 
 
 def build_optimizer(optim_cfg, param_groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:

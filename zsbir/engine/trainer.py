@@ -8,7 +8,6 @@ Re-running in the same run directory resumes from `last.pt`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,50 +20,37 @@ from torch import nn
 from tqdm import tqdm
 
 from zsbir.config import validate_config
-from zsbir.data.datamodule import eval_loader, load_split, train_loader
+from zsbir.data.datamodule import load_split, train_loader
 from zsbir.data.gpu_augment import GPUAugment
-from zsbir.data.pairs import item_seed
+from zsbir.data.pairs import LOADER_STREAM, item_seed
+from zsbir.data.views import domain_of
 from zsbir.engine import distributed as dist
-from zsbir.engine.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries, save_atomic,
-                                     write_text_atomic)
+from zsbir.engine.callbacks import default_callbacks
+from zsbir.engine.checkpoint import (changed_keys, check_fingerprint, checkpoint_state, fingerprint, load_checkpoint,
+                                     remove_stale_temporaries, save_atomic)
+from zsbir.engine.device import amp_dtype, pick_device
+from zsbir.engine.nonfinite import SkipBudget, restore_buffers, snapshot_buffers
 from zsbir.engine.resume import apply_optimizer_settings, optimizer_settings, refuse_unchangeable_keys
 from zsbir.engine.rundir import RunDirectoryLock, claim_run_directory, refuse_fresh_run_over_results
-from zsbir.engine.nonfinite import SkipBudget, restore_buffers, snapshot_buffers
 from zsbir.engine.preemption import PreemptionHandler
 from zsbir.engine.optim import build_optimizer, build_scheduler
 from zsbir.engine.runinfo import write_run_info
 from zsbir.engine.seed import rng_state, seed_everything, set_rng_state
 from zsbir.errors import ConfigError, ZsbirError
-from zsbir.eval.retrieval import embedding_warnings, evaluate_with_embeddings, format_table, table_keys
-from zsbir.eval.visualize import write_retrieval_grids
+from zsbir.eval.evaluator import Evaluator
+from zsbir.eval.retrieval import embedding_warnings
 from zsbir.losses.base import LossContext, build_loss_set
 from zsbir.models.encoder import DOMAIN_IDS, ENCODE_MODES, build_encoder
 from zsbir.tracking import build_tracker
 
 log = logging.getLogger("zsbir.train")
 
-CHECKPOINT_FORMAT = 1
-LOADER_SEED_STREAM = 998  # item_seed stream of the train loader's generator (the sampler uses 999)
-DEFAULT_METRICS = ["map_all", "prec_100", "map_200", "prec_200"]
+# Training progress saved in every checkpoint and restored on resume (besides weights, optimizer and RNG).
+RESUMED_FIELDS = ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "metrics_before", "nonfinite_steps")
 
 
 class NonFiniteLossError(ZsbirError):
     """The loss became NaN or Inf; the message names the step and the offending terms."""
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={requested} but no CUDA device is available; use trainer.device=auto or cpu")
-    return device
-
-
-def amp_dtype(precision: str, device: torch.device):
-    if precision == "fp32" or device.type != "cuda":
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class SpeedOptionError(ZsbirError):
@@ -72,12 +58,13 @@ class SpeedOptionError(ZsbirError):
 
 
 class TrainStep(nn.Module):
-    """The encoder and the loss set as one module whose forward is a whole step's loss.
+    """The encoder, the auxiliary passes and the loss set as one module whose forward is a whole step's loss.
 
     One forward per step is what DistributedDataParallel needs to synchronise the
-    gradients of both (loss terms may own parameters). `compiled_encoder` (torch.compile
-    of the same encoder) is kept outside the module tree, so parameters and checkpoints
-    see only the plain encoder.
+    gradients of both (loss terms may own parameters). The auxiliary passes (frozen teacher, VxL sampler, masked encoder pass:
+    zsbir/models/auxiliary.py) run here, under the same autocast as the encoder; the loss
+    set then computes in float32. `compiled_encoder` (torch.compile of the same encoder) is
+    kept outside the module tree, so parameters and checkpoints see only the plain encoder.
     """
 
     def __init__(self, encoder: nn.Module, loss_set: nn.Module, views: tuple[str, ...], compiled_encoder=None,
@@ -87,9 +74,17 @@ class TrainStep(nn.Module):
             raise ConfigError(f"model.encode={encode!r}: must be one of {'|'.join(ENCODE_MODES)}")
         self.encoder, self.loss_set, self.views, self.encode = encoder, loss_set, views, encode
         self._compiled = (compiled_encoder,)
+        self.auxiliary_passes = loss_set.auxiliary_passes
 
     def forward(self, batch: dict, ctx: LossContext):
-        return self.loss_set(batch, self.encode_views(batch), ctx)
+        return self.loss_set(batch, self.step_outputs(batch), ctx)
+
+    def step_outputs(self, batch: dict) -> dict:
+        """Per-view encoder outputs, with what the auxiliary passes add."""
+        outputs = self.encode_views(batch)
+        for aux in self.auxiliary_passes:
+            aux(batch, outputs, self.encoder)
+        return outputs
 
     def encode_views(self, batch: dict) -> dict:
         """Encode every view the losses need.
@@ -103,15 +98,14 @@ class TrainStep(nn.Module):
         encoder = self.encoder if self._compiled[0] is None else self._compiled[0]
         groups: dict[str, list[str]] = {}
         for view in self.views:
-            key = "all" if self.encode == "joint" else domain_of_view(view)
-            groups.setdefault(key, []).append(view)
+            groups.setdefault("all" if self.encode == "joint" else domain_of(view), []).append(view)
         outputs = {}
         for key, views in groups.items():
             images = torch.cat([batch[v] for v in views])
             sizes = [len(batch[v]) for v in views]
             if key == "all":
-                domain = torch.cat([torch.full((n,), DOMAIN_IDS[domain_of_view(v)], dtype=torch.long,
-                                               device=images.device) for v, n in zip(views, sizes)])
+                domain = torch.cat([torch.full((n,), DOMAIN_IDS[domain_of(v)], dtype=torch.long, device=images.device)
+                                    for v, n in zip(views, sizes)])
             else:
                 domain = key
             out = encoder(images, domain)
@@ -121,10 +115,6 @@ class TrainStep(nn.Module):
             for i, view in enumerate(views):
                 outputs[view] = type(out)({k: parts[i] for k, parts in pieces.items()})
         return outputs
-
-
-def domain_of_view(view: str) -> str:
-    return "sketch" if view.startswith("sketch") else "photo"
 
 
 class Trainer:
@@ -142,7 +132,7 @@ class Trainer:
         # Evaluation embeddings: fp32 unless eval.precision opts in to autocast (bf16 rounding,
         # ~4e-3, reorders near-ties among tens of thousands of gallery photos).
         self.eval_amp = amp_dtype(str(cfg.eval.get("precision") or "fp32"), self.device)
-        self.main = dist.is_main()
+        self.is_main_process = dist.is_main()
 
         self.data = load_split(cfg.data, seed=int(cfg.seed))
         self.encoder = build_encoder(cfg.model, len(self.data.seen_classes)).to(self.device)
@@ -179,19 +169,24 @@ class Trainer:
         self.wall_time_before = 0.0  # seconds spent in earlier sessions of this run (resumes)
         self._t_fit = time.monotonic()
         self.saved_step = -1  # the step of the newest last.pt (-1: none yet)
-        self._loaders: dict[str, tuple] = {}
+        self.last_save_time = time.monotonic()
+        self.unsaved_changes = False  # training state changed since the newest last.pt
+        self.images_seen = 0  # images encoded by training steps in this session (all views, all processes)
+        self.evaluator = Evaluator(self.data, cfg.data, cfg.eval, self.encoder.norm, self.device, self.eval_amp)
+        self.callbacks = default_callbacks(cfg)
         self.ctx = LossContext(step=self.step, total_steps=self.total_steps, epoch=self.epoch, encoder=self.encoder,
                                steps_per_epoch=self.steps_per_epoch,
-                               extras={"class_names": self.data.seen_classes,
-                                       "split_dir": self.data.root / str(cfg.data.split_dir),
-                                       "synthetic": bool(cfg.data.get("synthetic"))})
+                               class_names=self.data.seen_classes,
+                               # the generated benchmark ships no split files of its own (e.g. no class mask)
+                               split_dir=None if cfg.data.get("synthetic") else self.data.root / str(cfg.data.split_dir))
         # Before resuming (and before any work: a term may reject the config), so that a resumed
         # run starts the terms exactly as the first run did (same weights, same RNG draws), and
         # their saved state then overrides what this built.
         self.loss_set.on_train_start(self.ctx, self.data.seen_classes)
         self._maybe_resume()
         self.train_module = self._wrap_for_training()
-        self.tracker = build_tracker(cfg.get("logger"), cfg, self.run_dir, self.resume_state.get("tracker")) if self.main else None
+        self.tracker = (build_tracker(cfg.get("logger"), cfg, self.run_dir, self.resume_state.get("tracker"))
+                        if self.is_main_process else None)
         self.preemption = PreemptionHandler()
 
     # ------------------------------------------------------------------ speed options
@@ -211,7 +206,11 @@ class Trainer:
     def _wrap_for_training(self) -> nn.Module:
         """The module a training step calls: encoder + losses, optionally compiled, DDP-wrapped under a process group."""
         tcfg = self.cfg.trainer
-        compiled = torch.compile(self.encoder, backend=str(tcfg.compile_backend)) if tcfg.get("compile") else None
+        compiled = None
+        if tcfg.get("compile"):
+            compiled = torch.compile(self.encoder, backend=str(tcfg.compile_backend))
+            for aux in self.loss_set.auxiliary_passes:
+                aux.compile(str(tcfg.compile_backend))
         module = TrainStep(self.encoder, self.loss_set, self.views, compiled, self.encode_mode)
         if not dist.is_initialized():  # a launcher with one process starts no group (distributed.launch_env)
             return module
@@ -224,8 +223,7 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         for stream, view in enumerate(self.views):
             if self.gpu_augment is not None:
-                domain = "sketch" if view.startswith("sketch") else "photo"
-                batch[view] = self.gpu_augment(batch[view], domain, self.epoch, batch["index"], stream)
+                batch[view] = self.gpu_augment(batch[view], domain_of(view), self.epoch, batch["index"], stream)
             if self.cfg.trainer.get("channels_last"):
                 batch[view] = batch[view].contiguous(memory_format=torch.channels_last)
         return batch
@@ -242,62 +240,32 @@ class Trainer:
                 "trainer.ddp_find_unused_parameters=false; set it to true, or freeze the unused parameters"
             ) from err
 
-    # ------------------------------------------------------------------ checkpoints
-    def _fingerprint(self) -> dict:
-        """What a checkpoint must match to be loaded into this run."""
-        return {
-            "model": OmegaConf.to_container(self.cfg.model, resolve=True),
-            "loss_terms": sorted(self.loss_set.terms),
-            "dataset": self.data.name,
-            "seen_classes": len(self.data.seen_classes),
-        }
+    # ------------------------------------------------------------------ checkpoints (format: engine/checkpoint.py)
+    def fingerprint(self) -> dict:
+        return fingerprint(self.cfg, self.loss_set.terms, self.data.name, len(self.data.seen_classes))
 
     def state_dict(self) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": self._fingerprint(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "model": self.encoder.state_dict(),
-            "losses": self.loss_set.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "metrics_before": self.metrics_before,
-            "nonfinite_steps": self.nonfinite_steps,
-            "rng": rng_state(),
-            "wall_time_s": self.wall_time(),
-            "tracker": self.tracker.state_dict() if self.tracker else {},
-        }
+        return checkpoint_state(
+            self.fingerprint(), self.cfg, self.encoder.state_dict(),
+            losses=self.loss_set.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+            **{key: getattr(self, key) for key in RESUMED_FIELDS},
+            rng=rng_state(), wall_time_s=self.wall_time(), tracker=self.tracker.state_dict() if self.tracker else {},
+        )
 
     def save(self, name: str) -> None:
-        if self.main:
+        if self.is_main_process:
             save_atomic(self.state_dict(), self.run_dir / name)
         if name == "last.pt":
-            self._last_save, self.saved_step = time.monotonic(), self.step
-
-    def check_fingerprint(self, state: dict, path: Path) -> None:
-        theirs, ours = state.get("fingerprint", {}), self._fingerprint()
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} has checkpoint format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
-        diffs = _changed_keys({k: theirs.get(k) for k in ours}, ours, before="checkpoint ", after="config ")
-        if diffs:
-            detail = "; ".join(diffs)
-            raise CheckpointError(
-                f"{path} was written by a different model or config ({detail}). Use the same config to "
-                "resume, or start a new run directory (hydra.run.dir=...)"
-            )
+            self.last_save_time, self.saved_step, self.unsaved_changes = time.monotonic(), self.step, False
 
     def _maybe_resume(self) -> None:
         path = self.run_dir / "last.pt"
         if not (self.cfg.trainer.resume and path.is_file()):
             return
         state = load_checkpoint(path)
-        self.check_fingerprint(state, path)
+        check_fingerprint(state, self.fingerprint(), path,
+                          "Use the same config to resume, or start a new run directory (hydra.run.dir=...)")
         refuse_unchangeable_keys(state.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True), path)
         fresh = optimizer_settings(self.optimizer, self.scheduler)
         self.encoder.load_state_dict(state["model"])
@@ -308,47 +276,33 @@ class Trainer:
         if applied:
             log.warning("resuming with the config's optimiser settings, not the checkpoint's: %s", "; ".join(applied))
         self.scaler.load_state_dict(state["scaler"])
-        for key in ("step", "epoch", "batch_in_epoch", "best_metric", "best_step", "metrics_before", "nonfinite_steps"):
+        for key in RESUMED_FIELDS:
             setattr(self, key, state[key])
         set_rng_state(state["rng"])
         self.wall_time_before = float(state.get("wall_time_s", 0.0))
         self.resume_state, self.saved_step = state, self.step
         self.ctx.step, self.ctx.epoch = self.step, self.epoch
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch + 1, self.batch_in_epoch)
-        changed = _changed_keys(state.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True))
+        changed = changed_keys(state.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True))
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
 
-    # ------------------------------------------------------------------ evaluation
-    def evaluate_unseen(self, with_embeddings: bool = False):
-        """Unseen-class metrics; with `with_embeddings`, (metrics, Embeddings)."""
-        queries, gallery = self._eval_loaders("zero")
-        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device,
-                                                       self.eval_amp, split="unseen-class test")
-        return (metrics, embeddings) if with_embeddings else metrics
-
-    def write_grids(self, embeddings) -> list[Path]:
-        """Retrieval grids of the unseen-class test queries into <run_dir>/grids (eval.grids)."""
-        grids = self.cfg.eval.get("grids") or {}
-        return write_retrieval_grids(embeddings, self.data.root, self.data.zero_sketch, self.data.zero_photo,
-                                     self.data.unseen_classes, self.run_dir / "grids", **grids)
-
-    def validate_seen(self) -> dict:
-        queries, gallery = self._eval_loaders("val")
-        split = "seen-class validation"
-        metrics, embeddings = evaluate_with_embeddings(self.encoder, queries, gallery, self.cfg.eval, self.device,
-                                                       self.eval_amp, split=split)
-        self.warnings += embedding_warnings(embeddings, f"{split} at step {self.step}")
-        return metrics
-
-    def _eval_loaders(self, split: str):
-        """(query, gallery) loaders of the `zero` (unseen test) or `val` (seen) split, built once per run,
-        so images kept in memory (data.cache_images) are decoded once, not at every evaluation."""
-        if split not in self._loaders:
-            lists = (getattr(self.data, f"{split}_sketch"), getattr(self.data, f"{split}_photo"))
-            self._loaders[split] = tuple(eval_loader(self.data, filelist, domain, self.cfg.data, self.encoder.norm)
-                                         for filelist, domain in zip(lists, ("sketch", "photo")))
-        return self._loaders[split]
+    # ------------------------------------------------------------------ evaluation (zsbir/eval/evaluator.py)
+    def validate(self) -> None:
+        """Seen-class validation; a better `trainer.select_metric` writes best.pt."""
+        metrics, embeddings = self.evaluator.evaluate_with_embeddings(self.encoder, split="val")
+        self.warnings += embedding_warnings(embeddings, f"seen-class validation at step {self.step}")
+        key = str(self.cfg.trainer.select_metric)
+        value = metrics[key]
+        improved = value > self.best_metric
+        if improved:
+            self.best_metric, self.best_step = value, self.step
+            self.unsaved_changes = True
+        log.info("step %d: seen-class validation %s = %.4f%s", self.step, key, value, " (best)" if improved else "")
+        if self.tracker:
+            self.tracker.log({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        if improved:
+            self.save("best.pt")
 
     # ------------------------------------------------------------------ training
     def _log_start(self) -> None:
@@ -414,12 +368,12 @@ class Trainer:
         self.skip_budget.record(True, where)
         return {"skipped": 1.0}
 
-    def encode_views(self, batch: dict) -> dict:
-        """Encode every view the losses need (see TrainStep.encode_views)."""
-        return TrainStep(self.encoder, self.loss_set, self.views, encode=self.encode_mode).encode_views(batch)
+    def step_outputs(self, batch: dict) -> dict:
+        """What the loss terms of a step read: encoder outputs per view plus auxiliary passes (TrainStep)."""
+        return TrainStep(self.encoder, self.loss_set, self.views, encode=self.encode_mode).step_outputs(batch)
 
     def fit(self) -> dict:
-        lock = RunDirectoryLock(self.run_dir) if self.main else None
+        lock = RunDirectoryLock(self.run_dir) if self.is_main_process else None
         if lock:
             lock.acquire()
             remove_stale_temporaries(self.run_dir)
@@ -435,116 +389,65 @@ class Trainer:
         return self.wall_time_before + time.monotonic() - self._t_fit
 
     def _fit(self) -> dict:
-        self._t_fit = time.monotonic()
-        self._last_save = time.monotonic()
-        if self.main:
+        """The training loop; periodic work (logging, validation, last.pt, preemption) is in self.callbacks."""
+        self._t_fit = self.last_save_time = time.monotonic()
+        if self.is_main_process:
             write_run_info(self.run_dir)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
         self._log_start()
-        if self.metrics_before is None and self.cfg.eval.before_training:
-            self.metrics_before = self.evaluate_unseen()
-            log.info("unseen-class mAP@all before training: %.4f", self.metrics_before["map_all"])
-            self._stop_if_requested()
-        tcfg = self.cfg.trainer
+        self._call("on_fit_start")
         max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             # Each epoch's loader seed depends on the epoch only, as in a run that was never resumed.
-            self.train_loader.generator.manual_seed(item_seed(int(self.cfg.seed), self.epoch, 0, LOADER_SEED_STREAM))
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{max_epochs}",
-                       disable=not (self.main and tcfg.progress_bar), dynamic_ncols=True, leave=False)
-            t_log, images_since = time.monotonic(), 0
+            self.train_loader.generator.manual_seed(item_seed(int(self.cfg.seed), self.epoch, 0, LOADER_STREAM))
+            self.bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
+                            desc=f"epoch {self.epoch + 1}/{max_epochs}", dynamic_ncols=True, leave=False,
+                            disable=not (self.is_main_process and self.cfg.trainer.progress_bar))
+            self._call("on_epoch_start")
             for batch in self.train_loader if self._epoch_unfinished() else ():
                 logs = self.train_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
-                images_since += sum(len(batch[v]) for v in self.views) * dist.world_size()  # the whole job's
-                bar.update(1)
-                if self.step % int(tcfg.log_every) == 0 or self.step == self.total_steps:
-                    elapsed = max(1e-9, time.monotonic() - t_log)
-                    values = {k: float(v) for k, v in logs.items()}
-                    values["lr"] = self.optimizer.param_groups[0]["lr"]
-                    values["images_per_s"] = images_since / elapsed
-                    bar.set_postfix({k.removeprefix("loss/"): f"{v:.3g}" for k, v in values.items()})
-                    if self.main and bar.disable:  # no progress bar: the console still gets every term
-                        log.info("step %d/%d: %s", self.step, self.total_steps,
-                                 ", ".join(f"{k.removeprefix('loss/')} {v:.4g}" for k, v in values.items()))
-                    if self.tracker:
-                        self.tracker.log({**values, "epoch": self.epoch}, self.step)
-                    t_log, images_since = time.monotonic(), 0
-                if self._checkpoint_due():
-                    self.save("last.pt")
-                self._stop_if_requested()
+                self.images_seen += sum(len(batch[v]) for v in self.views) * dist.world_size()  # the whole job's
+                self.unsaved_changes = True
+                self.bar.update(1)
+                self._call("on_step_end", logs)
                 if not self._epoch_unfinished():
                     break  # before the loader reads a batch this epoch will not use
-            bar.close()
+            self.bar.close()
             if self.batch_in_epoch >= self.steps_per_epoch:
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                if self.epoch % int(tcfg.val_every_epochs) == 0 or self.step >= self.total_steps:
-                    self._validate()
-                self.save("last.pt")
-                self._stop_if_requested()
-        if self.best_step < 0:  # no validation happened (e.g. max_steps inside the first epoch)
-            self._validate()
-            self.save("last.pt")
+                self._call("on_epoch_end")
+        self._call("on_train_end")
         return self._finish()
+
+    def _call(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     def _epoch_unfinished(self) -> bool:
         return self.batch_in_epoch < self.steps_per_epoch and self.step < self.total_steps
 
-    def _stop_if_requested(self) -> None:
-        """After a preemption signal (on any rank): save last.pt and stop (PreemptedError)."""
-        stop = self.preemption.requested()
-        if dist.is_initialized():  # every rank must stop at the same step
-            flag = torch.tensor([float(stop)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if not stop:
-            return
-        if self.saved_step != self.step:
-            self.save("last.pt")
-        self.preemption.stop(f"at step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}); "
-                             f"saved {self.run_dir / 'last.pt'}")
-
-    def _checkpoint_due(self) -> bool:
-        tcfg = self.cfg.trainer
-        if tcfg.get("ckpt_every_steps") and self.step % int(tcfg.ckpt_every_steps) == 0:
-            return True
-        return bool(tcfg.get("ckpt_every_s")) and time.monotonic() - self._last_save >= float(tcfg.ckpt_every_s)
-
-    def _validate(self) -> None:
-        metrics = self.validate_seen()
-        key = str(self.cfg.trainer.select_metric)
-        value = metrics[key]
-        improved = value > self.best_metric
-        if improved:
-            self.best_metric, self.best_step = value, self.step
-        log.info("step %d: seen-class validation %s = %.4f%s", self.step, key, value, " (best)" if improved else "")
-        if self.tracker:
-            self.tracker.log({f"val/{k}": v for k, v in metrics.items()}, self.step)
-        if improved:
-            self.save("best.pt")
-
     def _finish(self) -> dict:
+        """Test best.pt on the test split; write metrics.json, results.txt and the retrieval grids."""
         dist.barrier()  # rank 0 has finished writing best.pt before any rank reads it
         best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
         self.encoder.load_state_dict(best["model"])
-        test, embeddings = self.evaluate_unseen(with_embeddings=True)
+        test, embeddings = self.evaluator.evaluate_with_embeddings(self.encoder)
         self.warnings += embedding_warnings(embeddings, f"unseen-class test (best.pt, step {self.best_step})")
-        grids = self.write_grids(embeddings) if self.main else []
+        grids = self.evaluator.write_grids(embeddings, self.run_dir / "grids") if self.is_main_process else []
         wall_time = self.wall_time()
-        keys = table_keys(self.cfg.data.metrics, self.cfg.eval, DEFAULT_METRICS)
         total, trainable = self.encoder.num_parameters()
+        described = self.evaluator.describe()
         result = {
             "method": self.cfg.get("method"),
             "dataset": self.data.name,
             "model": self.cfg.model.get("name"),
             "seed": int(self.cfg.seed),
-            "protocol": str(self.cfg.eval.protocol),
-            "per_class": bool(self.cfg.eval.per_class),
-            "metrics_order": keys,
-            "test": test,
+            **described,
+            self.evaluator.protocol.result_key: test,
             "test_before_training": self.metrics_before,
             "n_queries": test["n_queries"],
             "n_gallery": test["n_gallery"],
@@ -561,10 +464,9 @@ class Trainer:
         }
         rows = {"untrained network": self.metrics_before} if self.metrics_before else {}
         rows[f"trained (best.pt, step {self.best_step})"] = test
-        table = format_table(rows, keys, result["protocol"])
-        if self.main:
-            write_text_atomic(self.run_dir / "metrics.json", json.dumps(result, indent=2))
-            write_text_atomic(self.run_dir / "results.txt", table + "\n")
+        table = self.evaluator.table(rows)
+        if self.is_main_process:
+            self.evaluator.write_results(self.run_dir, "metrics.json", result, table)
             log.info("\n%s\nqueries: %d, gallery: %d; wall time %.1f s; run directory %s", table, result["n_queries"],
                      result["n_gallery"], wall_time, self.run_dir)
             self.tracker.summary({f"test/{k}": v for k, v in test.items()})
@@ -576,16 +478,3 @@ class Trainer:
 
 def _term_values(terms: dict) -> str:
     return "{" + ", ".join(f"{name}: {float(value.detach()):.4g}" for name, value in terms.items()) + "}"
-
-
-def _changed_keys(old: dict, new: dict, prefix: str = "", before: str = "", after: str = "") -> list[str]:
-    """`key: <before>old -> <after>new` for every dotted key whose value differs between two plain dicts."""
-    changed = []
-    for key in sorted(set(old) | set(new), key=str):
-        path = f"{prefix}{key}"
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, path + ".", before, after)
-        elif a != b:
-            changed.append(f"{path}: {before}{a!r} -> {after}{b!r}")
-    return changed

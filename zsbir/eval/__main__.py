@@ -40,11 +40,11 @@ class RunDirError(ZsbirError):
 
 def run_eval(cfg: DictConfig) -> dict:
     from zsbir.config import validate_eval_options
-    from zsbir.data.datamodule import eval_loader, load_split
-    from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic, write_text_atomic
-    from zsbir.engine.trainer import DEFAULT_METRICS, amp_dtype, pick_device
-    from zsbir.eval.retrieval import Embeddings, format_table, score_embeddings, table_keys
-    from zsbir.eval.visualize import write_retrieval_grids
+    from zsbir.data.datamodule import load_split
+    from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
+    from zsbir.engine.device import amp_dtype, pick_device
+    from zsbir.eval.evaluator import Evaluator
+    from zsbir.eval.retrieval import Embeddings
     from zsbir.models.encoder import build_encoder
 
     validate_eval_options(cfg.eval)  # a typo must not cost an embedding pass
@@ -65,8 +65,6 @@ def run_eval(cfg: DictConfig) -> dict:
     # The run's evaluation precision (fp32 unless the run opted in to eval.precision=bf16),
     # not its training autocast.
     requested = str(cfg.precision or (run_cfg.get("eval") or {}).get("precision") or "fp32")
-    autocast = amp_dtype(requested, device)
-    precision = requested if autocast else "fp32"  # autocast only runs on CUDA
     model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
     if "pretrained" in model_cfg:
         model_cfg["pretrained"] = None  # every weight comes from the checkpoint: no download, no weight file
@@ -76,30 +74,28 @@ def run_eval(cfg: DictConfig) -> dict:
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt_path} does not fit the model of {run_dir / 'config.yaml'}: {err}") from None
     encoder.to(device)
+    evaluator = Evaluator(data, data_cfg, cfg.eval, encoder.norm, device, amp_dtype(requested, device))
+    task = evaluator.task("test")
 
     checkpoint_sha256 = file_sha256(ckpt_path)
-    key = embedding_cache_key(checkpoint_sha256, data.root, data.zero_sketch, data.zero_photo,
-                              data_cfg.image_size, encoder.norm, precision)
+    key = embedding_cache_key(checkpoint_sha256, data.root, task.queries, task.gallery,
+                              data_cfg.image_size, encoder.norm, evaluator.precision)
     cache_path = run_dir / "embeddings" / f"{key}.pt"
     cached = load_cached_embeddings(cache_path) if cfg.cache else None
     if cached is not None:
         embeddings = Embeddings(**cached)
         log.info("embeddings: reusing %s", cache_path)
     else:
-        queries = eval_loader(data, data.zero_sketch, "sketch", data_cfg, encoder.norm)
-        gallery = eval_loader(data, data.zero_photo, "photo", data_cfg, encoder.norm)
-        embeddings = embed_split(encoder, queries, gallery, device, autocast)
+        embeddings = embed_split(evaluator, encoder)
         if cfg.cache:
             save_atomic(embeddings.state_dict(), cache_path)
             log.info("embeddings: computed and cached in %s", cache_path)
 
-    metrics = score_embeddings(embeddings, cfg.eval, device)
+    metrics = evaluator.score(embeddings)
     out_dir = run_dir / "eval" / f"{data.name}-{ckpt_label}"
-    grids = write_retrieval_grids(embeddings, data.root, data.zero_sketch, data.zero_photo, data.unseen_classes,
-                                  out_dir / "grids", **(cfg.eval.get("grids") or {}))
-    keys = table_keys(data_cfg.metrics, cfg.eval, DEFAULT_METRICS)
+    grids = evaluator.write_grids(embeddings, out_dir / "grids")
     step = state.get("step")
-    table = format_table({f"{ckpt_label} ({ckpt_path.name}, step {step})": metrics}, keys, str(cfg.eval.protocol))
+    table = evaluator.table({f"{ckpt_label} ({ckpt_path.name}, step {step})": metrics})
     result = {
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt_path),
@@ -110,11 +106,9 @@ def run_eval(cfg: DictConfig) -> dict:
         "model": run_cfg.model.get("name"),
         "image_size": int(data_cfg.image_size),
         "norm": encoder.norm,
-        "precision": precision,
-        "protocol": str(cfg.eval.protocol),
-        "per_class": bool(cfg.eval.per_class),
-        "metrics_order": keys,
-        "test": metrics,
+        "precision": evaluator.precision,
+        **evaluator.describe(),
+        evaluator.protocol.result_key: metrics,
         "n_queries": metrics["n_queries"],
         "n_gallery": metrics["n_gallery"],
         "embeddings_cache": str(cache_path.relative_to(run_dir)) if cfg.cache else None,
@@ -122,18 +116,14 @@ def run_eval(cfg: DictConfig) -> dict:
         "retrieval_grids": [str(p.relative_to(run_dir)) for p in grids],
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "eval_metrics.json", json.dumps(result, indent=2) + "\n")
-    write_text_atomic(out_dir / "results.txt", table + "\n")
+    evaluator.write_results(out_dir, "eval_metrics.json", result, table)
     log.info("\n%s\nqueries: %d, gallery: %d; results in %s", table, result["n_queries"], result["n_gallery"], out_dir)
     return result
 
 
-def embed_split(*args, **kwargs):
-    """`zsbir.eval.retrieval.embed_split` (a module-level name, so tests can count the calls)."""
-    from zsbir.eval.retrieval import embed_split as embed
-
-    return embed(*args, **kwargs)
+def embed_split(evaluator, encoder):
+    """`Evaluator.embed` on the test split (a module-level name, so tests can count the calls)."""
+    return evaluator.embed(encoder, "test")
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
@@ -168,21 +158,11 @@ def resolve_checkpoint(run_dir: Path, ckpt: str) -> tuple[Path, str]:
 
 
 def check_model_fingerprint(state: dict, model_cfg, ckpt_path: Path, run_dir: Path) -> None:
-    """The checkpoint must come from the run's model config (the trainer's fingerprint, model part)."""
-    from zsbir.engine.checkpoint import CheckpointError
-    from zsbir.engine.trainer import CHECKPOINT_FORMAT
+    """The checkpoint must come from the run's model config (the model part of the training fingerprint)."""
+    from zsbir.engine.checkpoint import check_fingerprint
 
-    if state.get("format") != CHECKPOINT_FORMAT or "fingerprint" not in state or "model" not in state:
-        raise CheckpointError(f"{ckpt_path} is not a zsbir training checkpoint (format {state.get('format')!r}, "
-                              f"expected {CHECKPOINT_FORMAT}); pass a best.pt / last.pt written by zsbir.train")
-    ours = OmegaConf.to_container(model_cfg, resolve=True)
-    theirs = state["fingerprint"].get("model")
-    if theirs != ours:
-        changed = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
-        raise CheckpointError(
-            f"{ckpt_path} was written by a different model than {run_dir / 'config.yaml'} describes "
-            f"(differs in model.{', model.'.join(changed)}); evaluate it with the run directory that wrote it"
-        )
+    check_fingerprint(state, {"model": OmegaConf.to_container(model_cfg, resolve=True)}, ckpt_path,
+                      f"Evaluate it with the run directory that wrote it, not {run_dir}")
 
 
 def file_sha256(path: Path) -> str:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsbir.choices import metric_names
 from zsbir.errors import ZsbirError
 
 PROTOCOLS = ("voc", "plain")
@@ -181,11 +182,6 @@ def retrieval_metrics(
     result["n_queries"] = int(queries.shape[0])
     result["n_gallery"] = int(n_gallery)
     return result
-
-
-def metric_names(map_at: Sequence[int], prec_at: Sequence[int]) -> list[str]:
-    """Keys of the result, in the column order of the per-query table."""
-    return ["map_all"] + [f"map_{k}" for k in map_at] + [f"prec_{k}" for k in prec_at]
 
 
 def default_chunk_size(n_gallery: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:

@@ -103,22 +103,10 @@ def restore_order(embeddings: torch.Tensor, labels: torch.Tensor, indices: torch
 
 
 def embed_split(model, query_loader: DataLoader, gallery_loader: DataLoader, device: torch.device,
-                amp_dtype=None) -> Embeddings:
-    queries, query_labels = embed(model, query_loader, "sketch", device, amp_dtype)
-    gallery, gallery_labels = embed(model, gallery_loader, "photo", device, amp_dtype)
+                amp_dtype=None, domains: tuple[str, str] = ("sketch", "photo")) -> Embeddings:
+    queries, query_labels = embed(model, query_loader, domains[0], device, amp_dtype)
+    gallery, gallery_labels = embed(model, gallery_loader, domains[1], device, amp_dtype)
     return Embeddings(queries, query_labels, gallery, gallery_labels)
-
-
-def evaluate(model, query_loader: DataLoader, gallery_loader: DataLoader, eval_cfg, device: torch.device,
-             amp_dtype=None, split: str = "evaluation") -> dict:
-    return evaluate_with_embeddings(model, query_loader, gallery_loader, eval_cfg, device, amp_dtype, split)[0]
-
-
-def evaluate_with_embeddings(model, query_loader: DataLoader, gallery_loader: DataLoader, eval_cfg,
-                             device: torch.device, amp_dtype=None, split: str = "evaluation") -> tuple[dict, Embeddings]:
-    """`evaluate`, also returning the embeddings (for retrieval grids and the embedding cache)."""
-    embeddings = embed_split(model, query_loader, gallery_loader, device, amp_dtype)
-    return score_embeddings(embeddings, eval_cfg, device, split), embeddings
 
 
 def embedding_warnings(embeddings: Embeddings, split: str) -> list[str]:
@@ -191,13 +179,13 @@ def ranked_gallery(queries: torch.Tensor, gallery: torch.Tensor, top_k: int) -> 
     return order[:, :min(top_k, gallery.shape[0])]
 
 
-def format_table(rows: dict[str, dict], keys: list[str], protocol: str) -> str:
+def format_table(rows: dict[str, dict], keys: list[str], protocol: str, title: str = "unseen-class retrieval") -> str:
     """A fixed-width table: one row per model, one column per metric (in `keys` order)."""
     labels = [metric_label(k) for k in keys]
     first = max(len("model"), *(len(r) for r in rows))
     widths = [max(8, len(label)) for label in labels]
     header = "model".ljust(first) + "  " + "  ".join(l.rjust(w) for l, w in zip(labels, widths))
-    lines = [f"unseen-class retrieval (protocol: {protocol})", header, "-" * len(header)]
+    lines = [f"{title} (protocol: {protocol})", header, "-" * len(header)]
     for name, metrics in rows.items():
         cells = [f"{metrics.get(k, float('nan')):.4f}".rjust(w) for k, w in zip(keys, widths)]
         lines.append(name.ljust(first) + "  " + "  ".join(cells))

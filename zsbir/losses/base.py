@@ -4,38 +4,33 @@ A term is `term(batch, outputs, ctx) -> scalar tensor`:
 - `batch`: the training batch dict (images by view name, `label`, `neg_label`, ...;
   see zsbir/data/pairs.py);
 - `outputs`: view name -> EncoderOutput, for every view the LossSet asked the trainer
-  to encode. Triplet batches (`data.sampler: triplets`) hold `sketch`, `photo_pos`,
-  `photo_neg` and the second augmented views `sketch_v2`, `photo_pos_v2`; two-stream
-  batches (`data.sampler: streams`, zsbir/data/streams.py) hold `sketch` and `photo`
-  (independent draws, each with its own labels) and the extra augmented views
-  `sketch_v2`, `sketch_v3`, `photo_v2`, `photo_v3`;
-- `ctx`: training progress, the (unwrapped) encoder and `extras` (`class_names`: the
-  seen classes; `split_dir`: the dataset's split folder; `synthetic`: whether the data
-  is the generated benchmark), for terms that need them.
+  to encode (zsbir/data/views.py). Triplet batches (`data.sampler: triplets`) hold
+  `sketch`, `photo_pos`, `photo_neg` and the second augmented views `sketch_v2`,
+  `photo_pos_v2`; two-stream batches (`data.sampler: streams`, zsbir/data/streams.py) hold
+  `sketch` and `photo` (independent draws, each with its own labels) and the extra augmented
+  views `sketch_v2`, `sketch_v3`, `photo_v2`, `photo_v3`. The results of the auxiliary
+  passes the terms declared (zsbir/models/auxiliary.py) are added per view;
+- `ctx`: training progress, the (unwrapped) encoder, the seen class names and the
+  dataset's split folder, for terms that need them.
 
-Terms declare the views they read in `views`; the trainer encodes only the union.
-Terms may own parameters (a domain classifier, a projection head); the optimizer
-trains them together with the encoder.
+A term is loss math only: it runs no network besides its own small heads. Terms declare
+the views they read in `views` and the networks they read in `auxiliary_passes`; the
+training step encodes the union of the views and runs every distinct pass once, under
+the encoder's autocast. Terms may own parameters (a domain classifier, a projection
+head); the optimizer trains them together with the encoder.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from zsbir.data.views import VIEWS, in_order
 from zsbir.errors import ZsbirError
 
-# The batch key holding each view's labels: the sketch and the positive photo (and their
-# extra augmented views) carry `label`, the negative photo `neg_label`, the photo stream of a
-# two-stream batch `photo_label`.
-VIEW_LABELS = {"sketch": "label", "sketch_v2": "label", "sketch_v3": "label", "photo_pos": "label",
-               "photo_pos_v2": "label", "photo_neg": "neg_label",
-               "photo": "photo_label", "photo_v2": "photo_label", "photo_v3": "photo_label"}
-PHOTO_VIEWS = ("photo_pos", "photo_neg", "photo_pos_v2", "photo", "photo_v2", "photo_v3")
-VIEW_ORDER = ("sketch", "photo_pos", "photo_neg", "sketch_v2", "photo_pos_v2",
-              "photo", "sketch_v3", "photo_v2", "photo_v3")
 
 
 class LossConfigError(ZsbirError):
@@ -49,7 +44,8 @@ class LossContext:
     epoch: int = 0
     encoder: Any = None  # the unwrapped Encoder (no DDP wrapper)
     steps_per_epoch: int = 1
-    extras: dict = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)  # the seen classes, by label
+    split_dir: Path | None = None  # the dataset's split folder (files that ship with a split, e.g. SAKE's cid_mask)
 
     @property
     def progress(self) -> float:
@@ -79,7 +75,7 @@ def gather_labelled(batch: dict, outputs: dict, views: tuple[str, ...], key: str
         features = torch.cat([outputs[v].need(key, loss_name) for v in present])
     except KeyError as err:  # the model lacks this output: a configuration error, said plainly
         raise LossConfigError(err.args[0]) from None
-    labels = torch.cat([batch[VIEW_LABELS[v]] for v in present])
+    labels = torch.cat([batch[VIEWS[v].label_key] for v in present])
     return features, labels
 
 
@@ -87,6 +83,7 @@ class LossTerm(nn.Module):
     """Base class of a loss term. Subclasses set `views` and implement `forward`."""
 
     views: ClassVar[tuple[str, ...]] = ("sketch", "photo_pos", "photo_neg")
+    auxiliary_passes: tuple = ()  # AuxiliaryPass instances whose outputs the term reads
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -107,15 +104,18 @@ class LossSet(nn.Module):
 
     @property
     def views(self) -> tuple[str, ...]:
-        wanted = {v for term in self.terms.values() for v in term.views}
-        unknown = wanted - set(VIEW_ORDER)
-        if unknown:
-            raise ValueError(f"unknown batch views requested by the loss terms: {sorted(unknown)}")
-        return tuple(v for v in VIEW_ORDER if v in wanted)
+        return in_order({v for term in self.terms.values() for v in term.views})
+
+    @property
+    def auxiliary_passes(self) -> list:
+        """Every distinct auxiliary pass of the terms (equal keys: one pass), in term order."""
+        return list({p.key: p for term in self.terms.values() for p in term.auxiliary_passes}.values())
 
     def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:
         for term in self.terms.values():
             term.on_train_start(ctx, class_names)
+        for aux in self.auxiliary_passes:
+            aux.prepare(ctx.encoder, class_names)
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # Loss math runs in float32 even when the encoder ran under bf16 / fp16 autocast:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zsbir.losses.base import VIEW_LABELS, LossContext, LossTerm, check_views, gather_labelled
+from zsbir.data.views import VIEWS
+from zsbir.losses.base import LossContext, LossTerm, check_views, gather_labelled
 
 
 class ClassificationLoss(LossTerm):
@@ -16,7 +17,7 @@ class ClassificationLoss(LossTerm):
     def __init__(self, label_smoothing: float = 0.0, views=("sketch", "photo_pos", "photo_neg")):
         super().__init__()
         self.label_smoothing = float(label_smoothing)
-        self.views = check_views(views, tuple(VIEW_LABELS), "ce")
+        self.views = check_views(views, tuple(VIEWS), "ce")
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
         logits, labels = gather_labelled(batch, outputs, self.views, "cls_logits", "ce")

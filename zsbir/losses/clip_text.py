@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zsbir.losses.base import VIEW_LABELS, LossConfigError, LossContext, LossTerm, check_views, gather_labelled
+from zsbir.data.views import VIEWS
+from zsbir.losses.base import LossConfigError, LossContext, LossTerm, check_views, gather_labelled
 from zsbir.models.encoder import UnsupportedModelOption
 
 
@@ -21,11 +22,11 @@ class CLIPTextLoss(LossTerm):
     def __init__(self, logit_scale: float | None = None, views=("sketch", "photo_pos", "photo_neg")):
         super().__init__()
         self.logit_scale = None if logit_scale is None else float(logit_scale)
-        self.views = check_views(views, tuple(VIEW_LABELS), "clip_text")
+        self.views = check_views(views, tuple(VIEWS), "clip_text")
 
     def text_embeddings(self, ctx: LossContext) -> torch.Tensor:
         try:
-            return ctx.encoder.text_embeddings(ctx.extras["class_names"])
+            return ctx.encoder.text_embeddings(ctx.class_names)
         except UnsupportedModelOption as err:
             raise LossConfigError(str(err)) from None
 

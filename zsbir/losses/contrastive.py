@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsbir.engine import distributed as dist
-from zsbir.losses.base import VIEW_LABELS, LossConfigError, LossContext, LossTerm, check_views, gather_labelled
+from zsbir.data.views import VIEWS
+from zsbir.losses.base import LossConfigError, LossContext, LossTerm, check_views, gather_labelled
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -47,7 +48,7 @@ class SupConLoss(LossTerm):
         if not temperature > 0:
             raise LossConfigError(f"loss.contrastive.temperature must be > 0, got {temperature}")
         self.temperature, self.feature = float(temperature), feature
-        self.views = check_views(views, tuple(VIEW_LABELS), "contrastive")
+        self.views = check_views(views, tuple(VIEWS), "contrastive")
         self.projection = None
         if projection_dim:
             if not in_dim:

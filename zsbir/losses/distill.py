@@ -6,7 +6,8 @@ On PHOTOS only (sketches never reach this term):
     q    = softmax(lambda_kd * teacher_logits + kdneg * M[y])
 
 `kd_logits` are the student's 1000-way ImageNet logits (CSE-ResNet-50's kd_head), the
-teacher is the frozen ImageNet SE-ResNet-50 seeing the same photo images, and M is SAKE's
+teacher logits come from the frozen ImageNet SE-ResNet-50 seeing the same photo images (an
+auxiliary pass the training step runs with the encoder: zsbir/models/auxiliary.py), and M is SAKE's
 `cid_mask`: for each seen class y a 1000-d WordNet similarity to the ImageNet classes,
 which raises the target probability of ImageNet classes related to the photo's class.
 
@@ -30,13 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsbir.data.views import PHOTO_VIEWS
 from zsbir.data.wordnet_masks import ClassMaskError, load_table, packaged_mask
-from zsbir.losses.base import PHOTO_VIEWS, LossConfigError, LossContext, LossTerm, check_views, gather_labelled
+from zsbir.losses.base import LossConfigError, LossContext, LossTerm, check_views, gather_labelled
+from zsbir.models.auxiliary import TeacherLogits
+from zsbir.models.cse_resnet import IMAGENET_CLASSES, build_imagenet_teacher
 from zsbir.models.encoder import NORMALIZATION
 
 log = logging.getLogger(__name__)
 
-IMAGENET_CLASSES = 1000
 # loss.distill.mask value for the masks rebuilt from WordNet that ship with the package
 PACKAGED_MASK = "wordnet"
 
@@ -98,8 +101,6 @@ class DistillationLoss(LossTerm):
                  teacher_arch: str = "legacy_seresnet50", teacher_pretrained: str | None = "legacy_seresnet50.in1k",
                  teacher_tiny: bool = False, teacher_norm: str = "imagenet", views=("photo_pos",)):
         super().__init__()
-        from zsbir.models.cse_resnet import build_imagenet_teacher
-
         self.views = check_views(views, PHOTO_VIEWS, "distill")
         if teacher_norm not in NORMALIZATION:
             raise LossConfigError(f"loss.distill.teacher_norm must be one of {sorted(NORMALIZATION)}, got {teacher_norm!r}")
@@ -111,14 +112,15 @@ class DistillationLoss(LossTerm):
                 "loss.distill.teacher_pretrained is null: a randomly initialised teacher distils nothing. Set it to "
                 "the ImageNet weights (legacy_seresnet50.in1k or a local file); it follows model.pretrained by default"
             )
-        # Kept outside the module tree: frozen, so it is neither trained nor written into
-        # every checkpoint (it is rebuilt from its weights on resume).
-        self._teacher = (build_imagenet_teacher(teacher_pretrained, tiny=teacher_tiny, arch=teacher_arch),)
+        # Not a submodule: frozen, so it is neither trained nor written into every checkpoint
+        # (it is rebuilt from its weights on resume).
+        teacher = build_imagenet_teacher(teacher_pretrained, tiny=teacher_tiny, arch=teacher_arch)
+        self.auxiliary_passes = (TeacherLogits(teacher, teacher_norm, self.views),)
         self.class_mask: torch.Tensor | None = None
 
     @property
     def teacher(self) -> torch.nn.Module:
-        return self._teacher[0]
+        return self.auxiliary_passes[0].teacher
 
     def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:
         self._ensure_mask(ctx)
@@ -130,16 +132,16 @@ class DistillationLoss(LossTerm):
             self._packaged_mask(ctx)
             return
         path = Path(self.mask_path).expanduser()
-        in_split_dir = not path.is_absolute() and ctx.extras.get("split_dir") is not None
-        if in_split_dir:
-            path = Path(ctx.extras["split_dir"]) / path
-        if not path.is_file():
-            if in_split_dir and ctx.extras.get("synthetic"):
-                # The generated benchmark's glyph classes have no ImageNet counterparts (an
-                # explicitly given absolute path must still exist).
-                log.info("loss.distill: the synthetic benchmark has no class mask; training without the kdneg term")
+        if not path.is_absolute():
+            if ctx.split_dir is None:
+                # A dataset without a split folder of its own (the generated benchmark: its glyph
+                # classes have no ImageNet counterparts) ships no mask; an explicit path must exist.
+                log.info("loss.distill: the dataset ships no split files (no %s); training without the kdneg term",
+                         path)
                 self.mask_path = None
                 return
+            path = ctx.split_dir / path
+        if not path.is_file():
             raise LossConfigError(
                 f"the distillation class mask {path} does not exist. It ships in SAKE's dataset folders "
                 "(https://cs.jhu.edu/~qliu24/ZSSBIR/dataset.zip, next to the split files); point "
@@ -149,16 +151,16 @@ class DistillationLoss(LossTerm):
         if path.suffix == ".json":  # a table written by python -m zsbir.data.wordnet_masks
             self.class_mask = self._wordnet_table(lambda names: load_table(path, names), ctx)
         else:
-            self.class_mask = load_class_mask(path, len(ctx.extras["class_names"]))
+            self.class_mask = load_class_mask(path, len(ctx.class_names))
         log.info("loss.distill: class mask %s (%d x %d), kdneg %.3g", path, *self.class_mask.shape, self.kdneg)
 
     def _packaged_mask(self, ctx: LossContext) -> None:
         """mask: wordnet -> the WordNet mask shipped for this split folder (zsbir/data/class_masks)."""
-        if ctx.extras.get("synthetic") or ctx.extras.get("split_dir") is None:
-            log.info("loss.distill: the synthetic benchmark has no class mask; training without the kdneg term")
+        if ctx.split_dir is None:  # the generated benchmark: glyph classes without ImageNet counterparts
+            log.info("loss.distill: the dataset ships no split files (no class mask); training without the kdneg term")
             self.mask_path = None
             return
-        split_dir = ctx.extras["split_dir"]
+        split_dir = ctx.split_dir
         self.class_mask = self._wordnet_table(lambda names: packaged_mask(split_dir, names), ctx)
         log.info("loss.distill: packaged WordNet class mask of %s (%d x %d), kdneg %.3g", split_dir,
                  *self.class_mask.shape, self.kdneg)
@@ -166,30 +168,15 @@ class DistillationLoss(LossTerm):
     @staticmethod
     def _wordnet_table(load, ctx: LossContext) -> torch.Tensor:
         try:
-            return torch.from_numpy(load(list(ctx.extras["class_names"])).astype(np.float32))
+            return torch.from_numpy(load(list(ctx.class_names)).astype(np.float32))
         except ClassMaskError as err:
             raise LossConfigError(f"loss.distill.mask: {err}") from None
-
-    def _teacher_input(self, images: torch.Tensor, student_norm: str) -> torch.Tensor:
-        """Re-normalise the student-normalised photos for the teacher when the norms differ."""
-        if student_norm == self.teacher_norm:
-            return images
-        (mean_s, std_s), (mean_t, std_t) = NORMALIZATION[student_norm], NORMALIZATION[self.teacher_norm]
-
-        def column(values):
-            return torch.tensor(values, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-
-        return (images * column(std_s) + column(mean_s) - column(mean_t)) / column(std_t)
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
         self._ensure_mask(ctx)
         student, labels = gather_labelled(batch, outputs, self.views, "kd_logits", "distill")
-        images = torch.cat([batch[v] for v in self.views if v in outputs])
-        teacher = self.teacher
-        if next(teacher.parameters()).device != images.device:
-            teacher.to(images.device)
-        norm = getattr(ctx.encoder, "norm", self.teacher_norm)
-        target = self.lambda_kd * teacher(self._teacher_input(images, norm)).float()
+        teacher_logits, _ = gather_labelled(batch, outputs, self.views, TeacherLogits.output_key, "distill")
+        target = self.lambda_kd * teacher_logits
         if self.class_mask is not None:
             self.class_mask = self.class_mask.to(target.device)
             target = target + self.kdneg * self.class_mask[labels]

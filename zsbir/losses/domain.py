@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsbir.losses.base import VIEW_LABELS, LossConfigError, LossContext, LossTerm, check_views
+from zsbir.data.views import VIEWS
+from zsbir.losses.base import LossConfigError, LossContext, LossTerm, check_views
 
 SCHEDULES = ("dann", "ramp", "constant")
 REDUCTIONS = ("view_sum", "mean")
@@ -82,8 +83,8 @@ class DomainAdversarialLoss(LossTerm):
             raise LossConfigError(f"loss.domain_grl.schedule must be one of {SCHEDULES}, got {schedule!r}")
         if schedule == "ramp" and not grl_threshold_epoch > 0:
             raise LossConfigError(f"loss.domain_grl.grl_threshold_epoch must be > 0 for the ramp, got {grl_threshold_epoch}")
-        self.views = check_views(views, tuple(VIEW_LABELS), "domain_grl")
-        if len({v.startswith("sketch") for v in self.views}) < 2:
+        self.views = check_views(views, tuple(VIEWS), "domain_grl")
+        if len({VIEWS[v].domain for v in self.views}) < 2:
             raise LossConfigError(f"loss.domain_grl.views={list(self.views)} must include a sketch view and a photo view")
         self.schedule, self.gamma = schedule, float(gamma)
         self.grl_threshold_epoch, self.lambda_max = float(grl_threshold_epoch), float(lambda_max)
@@ -97,7 +98,7 @@ class DomainAdversarialLoss(LossTerm):
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
         present = [v for v in self.views if v in outputs]
         features = torch.cat([outputs[v].need(self.feature, "domain_grl") for v in present])
-        is_photo = torch.cat([torch.full((len(outputs[v][self.feature]),), float(not v.startswith("sketch")),
+        is_photo = torch.cat([torch.full((len(outputs[v][self.feature]),), float(VIEWS[v].domain == "photo"),
                                          device=features.device) for v in present])
         logits = self.classifier(reverse_gradient(features, self.current_lambda(ctx))).squeeze(1)
         # sigmoid + BCE in one numerically stable op

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from zsbir.engine.distributed import all_gather_with_grad
-from zsbir.losses.base import PHOTO_VIEWS, LossConfigError, LossContext, LossTerm, check_views, gather_labelled
+from zsbir.data.views import PHOTO_VIEWS, SKETCH_VIEWS, VIEWS
+from zsbir.losses.base import LossConfigError, LossContext, LossTerm, check_views, gather_labelled
 
 
 class CategoryMemoryLoss(LossTerm):
@@ -29,9 +30,9 @@ class CategoryMemoryLoss(LossTerm):
         if int(slots) < 1:
             raise LossConfigError(f"loss.memory.slots must be >= 1, got {slots}")
         self.slots, self.feature = int(slots), feature
-        self.views = check_views(views, ("sketch", "sketch_v2", *PHOTO_VIEWS), "memory")
-        self.sketch_views = tuple(v for v in self.views if v.startswith("sketch"))
-        self.photo_views = tuple(v for v in self.views if not v.startswith("sketch"))
+        self.views = check_views(views, tuple(VIEWS), "memory")
+        self.sketch_views = tuple(v for v in self.views if v in SKETCH_VIEWS)
+        self.photo_views = tuple(v for v in self.views if v in PHOTO_VIEWS)
         if not self.sketch_views or not self.photo_views:
             raise LossConfigError(f"loss.memory.views={list(self.views)} must include a sketch view and a photo view")
         # (classes x slots x dim) features, and how many sketches each class has received in
@@ -75,7 +76,7 @@ class CategoryMemoryLoss(LossTerm):
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
         sketches, sketch_labels = gather_labelled(batch, outputs, self.sketch_views, self.feature, "memory")
         photos, photo_labels = gather_labelled(batch, outputs, self.photo_views, self.feature, "memory")
-        self._allocate(len(ctx.extras["class_names"]), sketches.shape[1], sketches.device)
+        self._allocate(len(ctx.class_names), sketches.shape[1], sketches.device)
         self.store(all_gather_with_grad(sketches.detach()), all_gather_with_grad(sketch_labels))
         centre, has_centre = self.centres()
         keep = has_centre[photo_labels]

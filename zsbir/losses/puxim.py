@@ -2,8 +2,9 @@
 
 Both terms read the positive and negative photos "purified" by the VxL sampler
 (zsbir/models/vxl.py): the encoder run again on only the patches most relevant to each
-photo's class (`encoder.encode_masked`, model=puxim). That masked pass is computed once
-per batch and shared by the two terms.
+photo's class (`encoder.encode_masked`, model=puxim). That masked pass is an auxiliary
+pass of the training step (zsbir/models/auxiliary.py: MaskedPhotoPass), run once per
+step for both terms; they read its `masked_tokens` / `masked_keep_index` outputs.
 
 - `puxim_recon` (PurifiedReconstructionLoss): a light decoder gets the kept patch
   tokens of the masked pass at their positions and a learned mask token at every masked
@@ -26,21 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsbir.losses.base import LossConfigError, LossContext, LossTerm
+from zsbir.models.auxiliary import MaskedPhotoPass
 from zsbir.models.puxim import TINY_WIDTH
-from zsbir.models.vxl import VxLConfigError, VxLSampler, renormalize, shared_sampler
-from zsbir.models.weights import MissingWeightsError, local_weights_path
+from zsbir.models.vxl import VxLConfigError, VxLSampler, shared_sampler
+from zsbir.models.weights import MissingWeightsError, tiny_weights_fit
 
 log = logging.getLogger(__name__)
 
 MASKED_VIEWS = ("photo_pos", "photo_neg")
-VIEW_LABEL = {"photo_pos": "label", "photo_neg": "neg_label"}
-VIEW_INDEX = {"photo_pos": "pos_index", "photo_neg": "neg_index"}
 # Augmentation recipes that never change a photo from one epoch to the next (so its mask can be cached).
 DETERMINISTIC_AUGMENT = ("none",)
 
 
 class PurifiedPhotosTerm(LossTerm):
-    """Common part of the PuXIM terms: the VxL sampler and the masked (purified) photo pass."""
+    """Common part of the PuXIM terms: the VxL settings and the masked (purified) photo pass they read."""
 
     name = "puxim"
 
@@ -54,17 +54,17 @@ class PurifiedPhotosTerm(LossTerm):
         if unknown:
             raise LossConfigError(f"loss.{self.name}.vxl has unknown keys {sorted(unknown)}; known: "
                                   f"{', '.join(defaults)}")
-        if tiny and settings["pretrained"] is not None and local_weights_path(settings["pretrained"]) is None:
-            # model.tiny=true (debug=smoke) shrinks the VxL CLIP too; a weights tag cannot fit it
+        if tiny and not tiny_weights_fit(settings["pretrained"]):
+            # model.tiny=true (debug=smoke) shrinks the VxL CLIP too, which no published tag fits
+            log.info("loss.%s: tiny VxL CLIP: random weights instead of %r", self.name, settings["pretrained"])
             settings["pretrained"] = None
         settings["image_size"] = int(settings["image_size"])
         settings["mask_ratio"] = float(settings["mask_ratio"])
         settings["surgery_blocks"] = int(settings["surgery_blocks"])
-        # Kept outside the module tree: frozen, so neither trained nor written into checkpoints.
-        self._sampler = (self._build_sampler(settings, bool(tiny)),)
+        # Not a submodule: frozen, so neither trained nor written into checkpoints.
+        sampler = self._build_sampler(settings, bool(tiny))
         self.cache_masks = bool(cache_masks) and data_augment in DETERMINISTIC_AUGMENT
-        # training-photo index -> kept patches; per term instance, i.e. per run and dataset
-        self._mask_cache: dict[int, torch.Tensor] = {}
+        self.auxiliary_passes = (MaskedPhotoPass(sampler, self.cache_masks),)
         if cache_masks and not self.cache_masks:
             log.info("loss.%s: not caching VxL masks: data.augment=%s changes photos every epoch", self.name, data_augment)
 
@@ -86,7 +86,7 @@ class PurifiedPhotosTerm(LossTerm):
 
     @property
     def sampler(self) -> VxLSampler:
-        return self._sampler[0]
+        return self.auxiliary_passes[0].sampler
 
     def check_encoder(self, encoder) -> None:
         if not (callable(getattr(encoder, "encode_masked", None)) and hasattr(encoder, "patch_grid")):
@@ -98,33 +98,6 @@ class PurifiedPhotosTerm(LossTerm):
 
     def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:
         self.check_encoder(ctx.encoder)
-
-    def masked_photos(self, batch: dict, ctx: LossContext) -> dict:
-        """view -> EncoderOutput of the masked pass, for photo_pos and photo_neg (once per batch)."""
-        memo = f"_puxim_masked_{id(self.sampler)}"
-        if memo in batch:
-            return batch[memo]
-        encoder = ctx.encoder
-        self.check_encoder(encoder)
-        images = torch.cat([batch[v] for v in MASKED_VIEWS])
-        labels = torch.cat([batch[VIEW_LABEL[v]] for v in MASKED_VIEWS])
-        photo_ids = None
-        if self.cache_masks:
-            if any(VIEW_INDEX[v] not in batch for v in MASKED_VIEWS):
-                raise LossConfigError(f"loss.{self.name}: the batch has no photo indices (pos_index / neg_index) to "
-                                      "cache masks under; set cache_masks=false")
-            photo_ids = [int(i) for i in torch.cat([batch[VIEW_INDEX[v]] for v in MASKED_VIEWS]).tolist()]
-        clip_images = renormalize(images, encoder.norm, "clip")
-        keep_index = self.sampler.keep_index(clip_images, labels, list(ctx.extras["class_names"]), photo_ids,
-                                             self._mask_cache)
-        out = encoder.encode_masked(images, "photo", keep_index)
-        size = len(batch[MASKED_VIEWS[0]])
-        result = {}
-        for i, view in enumerate(MASKED_VIEWS):
-            rows = slice(i * size, (i + 1) * size)
-            result[view] = type(out)({k: t[rows].float() if t.is_floating_point() else t[rows] for k, t in out.items()})
-        batch[memo] = result  # the batch dict lives for one step: the second term reuses this pass
-        return result
 
 
 class MaskedTokenDecoder(nn.Module):
@@ -174,15 +147,15 @@ class PurifiedReconstructionLoss(PurifiedPhotosTerm):
                                   f"{encoder.width}-d; set loss.puxim_recon.encoder_width={encoder.width}")
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
-        masked = self.masked_photos(batch, ctx)
         grid = ctx.encoder.patch_grid
         losses = []
         for view in MASKED_VIEWS:
             full = outputs[view].need("tokens", self.name).detach()
             target = F.layer_norm(full, full.shape[-1:])
-            prediction = self.decoder(masked[view]["tokens"], masked[view]["keep_index"], grid)
+            kept = outputs[view]["masked_keep_index"]
+            prediction = self.decoder(outputs[view]["masked_tokens"], kept, grid)
             hidden = torch.ones(full.shape[:2], dtype=torch.bool, device=full.device)
-            hidden.scatter_(1, masked[view]["keep_index"], False)
+            hidden.scatter_(1, kept, False)
             losses.append(((prediction - target) ** 2).mean(-1)[hidden])
         errors = torch.cat(losses)
         # mask_ratio so low that nothing is masked: nothing to reconstruct (keeps the graph for DDP)
@@ -226,9 +199,8 @@ class PurifiedMatchingLoss(PurifiedPhotosTerm):
                                   f"{encoder.width}-d; set loss.puxim_match.d_model={encoder.width}")
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
-        masked = self.masked_photos(batch, ctx)
         sketch = outputs["sketch"].need("tokens", self.name)
-        photos = torch.cat([masked["photo_pos"]["tokens"], masked["photo_neg"]["tokens"]])
+        photos = torch.cat([outputs["photo_pos"]["masked_tokens"], outputs["photo_neg"]["masked_tokens"]])
         logits = self.head(torch.cat([sketch, sketch]), photos)
         n = len(sketch)
         targets = torch.cat([torch.ones(n), torch.zeros(n)]).long().to(logits.device)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zsbir.models.encoder import Encoder, EncoderOutput
-from zsbir.models.weights import local_weights_path, open_clip_checkpoint
+from zsbir.models.weights import check_tiny_pretrained, open_clip_checkpoint
 
 TINY_ARCH = "zsbir-tiny-clip"  # configs/ next to this file: width 64, 2 layers, patch 8
 TRAINABLE = ("prompts", "prompts_ln", "full")
@@ -70,9 +70,7 @@ class CLIPPromptEncoder(Encoder):
             raise ValueError(f"model.prompt_depth must be one of {PROMPT_DEPTHS}, got {prompt_depth!r}")
         kwargs: dict[str, Any] = {}
         if tiny:
-            if pretrained is not None and local_weights_path(pretrained) is None:
-                raise ValueError(f"model.tiny=true builds a shrunk random CLIP; the tag {pretrained!r} does "
-                                 "not fit it: set model.pretrained=null (or a file saved from a tiny model)")
+            check_tiny_pretrained(pretrained)
             _register_tiny_config()
             arch, kwargs = TINY_ARCH, {"embed_dim": embed_dim}
         checkpoint = open_clip_checkpoint(arch, pretrained)

@@ -23,21 +23,12 @@ from torch import nn
 
 from zsbir.models.dsbn import DomainBatchNorm2d, DomainRouter, convert_to_dsbn
 from zsbir.models.encoder import DOMAINS, Encoder, EncoderOutput, UnsupportedModelOption, domain_indices
-from zsbir.models.weights import create_timm_model, local_weights_path
+from zsbir.models.weights import check_tiny_pretrained, create_timm_model
 
 # `tiny: true` (set by debug=smoke) swaps any architecture for this one: a few thousand
 # parameters, random weights, so that smoke runs finish in seconds on a CPU.
 TINY_ARCH = "resnet10t"
 TINY_KWARGS = {"channels": (8, 16, 32, 64), "stem_width": 8}
-
-
-def check_tiny_pretrained(pretrained: str | None) -> None:
-    """A tiny model takes random weights or a file saved from a tiny model, never a tag."""
-    if pretrained is not None and local_weights_path(pretrained) is None:
-        raise ValueError(
-            f"model.tiny=true builds a shrunk random model; the pretrained tag {pretrained!r} does "
-            "not fit it: set model.pretrained=null (or a file saved from a tiny model)"
-        )
 
 
 def check_dsbn_convertible(backbone: nn.Module, arch: str) -> None:

@@ -29,9 +29,8 @@ import torch
 from torch import nn
 from timm.models.senet import SENet, SEModule, SEResNetBottleneck
 
-from zsbir.models.cnn import check_tiny_pretrained
 from zsbir.models.encoder import Encoder, EncoderOutput
-from zsbir.models.weights import create_timm_model, load_timm_file, local_weights_path
+from zsbir.models.weights import check_tiny_pretrained, create_timm_model, load_timm_file, local_weights_path
 
 DOMAIN_TAGS = {"sketch": 0.0, "photo": 1.0}
 IMAGENET_CLASSES = 1000

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from zsbir.choices import ENCODE_MODES  # noqa: F401  (re-exported: model.encode)
 from zsbir.errors import ZsbirError
 
 DOMAINS = ("sketch", "photo")
 DOMAIN_IDS = {"sketch": 0, "photo": 1}
-ENCODE_MODES = ("joint", "per_domain")  # model.encode: one encoder call per step, or one per domain
 
 # Normalisation constants by name; a model config picks one with `model.norm`.
 NORMALIZATION = {
@@ -45,6 +45,18 @@ def domain_indices(domain: str | torch.Tensor, batch_size: int, device=None) -> 
         raise ValueError(f"per-sample domains must index {DOMAINS} (0..{len(DOMAINS) - 1}); got values "
                          f"{sorted(set(domain.tolist()))}")
     return domain.to(device=device, dtype=torch.long)
+
+
+def renormalize(images: torch.Tensor, from_norm: str, to_norm: str) -> torch.Tensor:
+    """Images normalised with `from_norm` re-expressed in `to_norm` (keys of NORMALIZATION)."""
+    if from_norm == to_norm:
+        return images
+    (mean_a, std_a), (mean_b, std_b) = NORMALIZATION[from_norm], NORMALIZATION[to_norm]
+
+    def column(values):
+        return torch.tensor(values, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+
+    return (images * column(std_a) + column(mean_a) - column(mean_b)) / column(std_b)
 
 
 class EncoderOutput(dict):

@@ -23,9 +23,8 @@ import torch
 from timm.models import checkpoint_seq
 from torch import nn
 
-from zsbir.models.cnn import check_tiny_pretrained
 from zsbir.models.encoder import Encoder, EncoderOutput
-from zsbir.models.weights import create_timm_model
+from zsbir.models.weights import check_tiny_pretrained, create_timm_model
 
 # `tiny: true` (debug=smoke) builds the same timm ViT class shrunk: width 64, 2 blocks,
 # patch 8, so that 32 px smoke images give a 4 x 4 grid (as the tiny VxL CLIP does).

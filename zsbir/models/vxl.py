@@ -34,24 +34,11 @@ import torch
 from zsbir.errors import ZsbirError
 from zsbir.models.clip_surgery import SURGERY_DEPTH, feature_surgery, surgery_tokens
 from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
-from zsbir.models.encoder import NORMALIZATION
-from zsbir.models.weights import local_weights_path, open_clip_checkpoint
+from zsbir.models.weights import check_tiny_pretrained, open_clip_checkpoint
 
 
 class VxLConfigError(ZsbirError):
     """The VxL sampler's settings cannot work (bad mask ratio, grid that does not fit the encoder)."""
-
-
-def renormalize(images: torch.Tensor, from_norm: str, to_norm: str) -> torch.Tensor:
-    """Images normalised with `from_norm` re-expressed in `to_norm` (keys of NORMALIZATION)."""
-    if from_norm == to_norm:
-        return images
-    (mean_a, std_a), (mean_b, std_b) = NORMALIZATION[from_norm], NORMALIZATION[to_norm]
-
-    def column(values):
-        return torch.tensor(values, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-
-    return (images * column(std_a) + column(mean_a) - column(mean_b)) / column(std_b)
 
 
 def kept_count(n_patches: int, mask_ratio: float) -> int:
@@ -84,9 +71,7 @@ class VxLSampler:
                                  f"{SURGERY_DEPTH}; scoring=plain turns the surgery off), got {surgery_blocks}")
         self.scoring, self.surgery_blocks, self.redundant_text = scoring, int(surgery_blocks), redundant_text
         if tiny:
-            if pretrained is not None and local_weights_path(pretrained) is None:
-                raise VxLConfigError(f"vxl.tiny=true builds a shrunk random CLIP; the tag {pretrained!r} does not fit "
-                                     "it: set vxl.pretrained=null (or a file saved from a tiny model)")
+            check_tiny_pretrained(pretrained, "vxl.pretrained", VxLConfigError)
             _register_tiny_config()
             arch = TINY_ARCH
         elif pretrained is None:
@@ -103,7 +88,12 @@ class VxLSampler:
         visual.output_tokens = True
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.grid = tuple(int(n) for n in visual.grid_size)
+        self._visual = visual  # or its torch.compile'd version (trainer.compile)
         self._text: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def compile(self, backend: str) -> None:
+        if self._visual is self.model.visual:  # the sampler is shared: compile once
+            self._visual = torch.compile(self.model.visual, backend=backend)
 
     @property
     def n_patches(self) -> int:
@@ -138,9 +128,10 @@ class VxLSampler:
         images = images.to(self._device(), visual.conv1.weight.dtype)
         text = text.float().to(self._device())
         if self.scoring == "plain":
-            _, tokens = visual(images)
+            _, tokens = self._visual(images)
             patches = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1)
             return torch.einsum("bpd,bd->bp", patches.float(), text)
+        # CLIP Surgery runs the blocks itself (zsbir/models/clip_surgery.py), so it never uses the compiled module.
         tokens = torch.nn.functional.normalize(surgery_tokens(visual, images, self.surgery_blocks).float(), dim=-1)
         neutral = self.encode_texts([self.redundant_text]).float().expand(len(text), -1)
         return feature_surgery(tokens, torch.stack([neutral, text], dim=1))[:, 1:, 1]

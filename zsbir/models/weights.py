@@ -107,6 +107,18 @@ def local_weights_path(pretrained: str | None) -> Path | None:
     return None
 
 
+def tiny_weights_fit(pretrained: str | None) -> bool:
+    """A tiny (shrunk, model.tiny=true) network takes random weights or a local file, never a published tag."""
+    return pretrained is None or local_weights_path(pretrained) is not None
+
+
+def check_tiny_pretrained(pretrained: str | None, key: str = "model.pretrained", error: type = ValueError) -> None:
+    """Raise `error` naming `key` when a tiny network is given a published weights tag."""
+    if not tiny_weights_fit(pretrained):
+        raise error(f"{key.rpartition('.')[0]}.tiny=true builds a shrunk random network; the pretrained tag "
+                    f"{pretrained!r} does not fit it: set {key}=null (or a file saved from a tiny model)")
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a file, safely: safetensors, or torch.load(weights_only=True).
 

@@ -54,7 +54,7 @@ def load_run_model(run_dir: str | Path, ckpt: str = "best", device: str = "cpu",
     """Rebuild a run's encoder from its config.yaml and load a checkpoint (`best`, `last` or a file)."""
     from zsbir.data.transforms import build_transform
     from zsbir.engine.checkpoint import CheckpointError, load_checkpoint
-    from zsbir.engine.trainer import amp_dtype, pick_device
+    from zsbir.engine.device import amp_dtype, pick_device
     from zsbir.eval.__main__ import (RunDirError, check_model_fingerprint, file_sha256, load_run_config,
                                      resolve_checkpoint)
     from zsbir.models.encoder import build_encoder

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from zsbir.tracking import Tracker
+from zsbir.tracking.local import Tracker
 
 log = logging.getLogger("zsbir.tracking")
 
@@ -53,12 +53,16 @@ def summarise_best(key: str) -> bool:
 class WandbTracker(Tracker):
     """Local `log.jsonl` plus a W&B run; degrades to local-only on the first W&B error."""
 
-    def __init__(self, logger_cfg, cfg, run_dir: Path, resume_state: dict):
+    def __init__(self, run_dir: Path, cfg, resume_state: dict | None = None, project: str = "zsbir",
+                 entity: str | None = None, group: str | None = None, tags=(), job_type: str | None = "train",
+                 mode: str | None = None, run_name: str | None = None, init_timeout_s: float = 90):
         super().__init__(run_dir)
         self.run = None
-        self.run_id = resume_state.get("wandb_run_id")
+        self.run_id = (resume_state or {}).get("wandb_run_id")
         self._defined: set[str] = set()
-        self._guarded("init", self._init, logger_cfg, cfg)
+        settings = dict(project=project, entity=entity, group=group, tags=list(tags or []), job_type=job_type,
+                        mode=mode, run_name=run_name, init_timeout_s=init_timeout_s)
+        self._guarded("init", self._init, settings, cfg)
 
     # ------------------------------------------------------------------ W&B calls
     def _guarded(self, what: str, fn, *args):
@@ -88,14 +92,14 @@ class WandbTracker(Tracker):
         keys = filter_keys(cfg)
         if not self.run_id:  # chosen before init, so even a run whose init failed resumes under one id
             self.run_id = uuid.uuid4().hex[:16]
-        name = logger_cfg.get("run_name") or f"{keys['method']}-{keys['dataset']}-seed{keys['seed']}"
+        name = logger_cfg["run_name"] or f"{keys['method']}-{keys['dataset']}-seed{keys['seed']}"
         self.run = wandb.init(
-            project=logger_cfg.get("project"),
-            entity=logger_cfg.get("entity"),
-            group=logger_cfg.get("group"),
-            tags=list(logger_cfg.get("tags") or []),
-            job_type=logger_cfg.get("job_type"),
-            mode=logger_cfg.get("mode"),
+            project=logger_cfg["project"],
+            entity=logger_cfg["entity"],
+            group=logger_cfg["group"],
+            tags=logger_cfg["tags"],
+            job_type=logger_cfg["job_type"],
+            mode=logger_cfg["mode"],
             name=name,
             id=self.run_id,
             resume="allow",
@@ -103,10 +107,10 @@ class WandbTracker(Tracker):
             config={**keys, "cfg": OmegaConf.to_container(cfg, resolve=True)},
             # Several runs of one sweep share this process: close any run a failed job left open.
             reinit="finish_previous",
-            settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout_s", 90))),
+            settings=wandb.Settings(init_timeout=float(logger_cfg["init_timeout_s"])),
         )
         self.run.define_metric("step")
-        log.info("W&B run %s (%s, project %s)", self.run_id, self.run.settings.mode, logger_cfg.get("project"))
+        log.info("W&B run %s (%s, project %s)", self.run_id, self.run.settings.mode, logger_cfg["project"])
 
     def _define(self, keys) -> None:
         for key in keys:

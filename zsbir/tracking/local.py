@@ -1,17 +1,10 @@
-"""Experiment tracking: a local JSON-lines log always, Weights & Biases when asked.
-
-`logger=none` (default) writes `<run_dir>/log.jsonl` only; `logger=wandb`
-(`zsbir.tracking_wandb`) writes the same file and a W&B run. The trainer calls the tracker
-on rank 0 only; `zsbir.train` finishes it with a non-zero exit code when a run fails.
-"""
+"""The local tracker: every record as one JSON line of `<run_dir>/log.jsonl` (`logger=none`)."""
 from __future__ import annotations
 
 import json
 import math
 import time
 from pathlib import Path
-
-from zsbir.errors import ZsbirError
 
 
 def plain_value(value):
@@ -26,7 +19,7 @@ def plain_value(value):
 class Tracker:
     """Local tracker: every call appends one JSON line to `log.jsonl`."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, cfg=None, resume_state: dict | None = None):
         self.path = Path(run_dir) / "log.jsonl"
 
     def _write(self, record: dict) -> None:
@@ -48,14 +41,3 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         """End of the run; `exit_code` != 0 marks a failed run. Calling it twice is harmless."""
-
-
-def build_tracker(logger_cfg, cfg, run_dir: Path, resume_state: dict | None = None) -> Tracker:
-    name = str(logger_cfg.get("name", "none")) if logger_cfg else "none"
-    if name == "none":
-        return Tracker(run_dir)
-    if name == "wandb":
-        from zsbir.tracking_wandb import WandbTracker
-
-        return WandbTracker(logger_cfg, cfg, run_dir, resume_state or {})
-    raise ZsbirError(f"unknown logger.name {name!r}: use logger=none or logger=wandb")

@@ -1,0 +1,116 @@
+"""Auxiliary network passes: networks a loss term reads, run by the training step.
+
+SAKE's distillation reads a frozen ImageNet teacher's logits; PuXIM's terms read the
+encoder run again on the photo patches the VxL sampler keeps. Such passes are networks,
+not loss math, so they run inside `TrainStep.forward` right after the encoder: under the
+same autocast, compiled when the encoder is (trainer.compile) and inside the DDP module.
+Each pass adds its results to the per-view encoder outputs (`outputs[view][key]`), which
+the loss terms then read like any other encoder output, in float32.
+
+A loss term declares the passes it needs in `auxiliary_passes`; passes with equal `key`
+run once per step however many terms read them (PuXIM's two terms share one masked pass).
+"""
+from __future__ import annotations
+
+from typing import Hashable
+
+import torch
+
+from zsbir.data.views import VIEWS
+from zsbir.models.encoder import EncoderOutput, renormalize
+
+
+class AuxiliaryPass:
+    """Base class. `key` identifies the pass (equal keys: one run per step)."""
+
+    @property
+    def key(self) -> Hashable:  # pragma: no cover
+        raise NotImplementedError
+
+    def prepare(self, encoder, class_names: list[str]) -> None:
+        """Called once before training (and before a resume) with the plain encoder and the seen classes."""
+
+    def compile(self, backend: str) -> None:
+        """Compile the pass's own network (trainer.compile=true)."""
+
+    def __call__(self, batch: dict, outputs: dict, encoder) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TeacherLogits(AuxiliaryPass):
+    """`outputs[view]["teacher_logits"]`: a frozen classifier's logits of the view's images.
+
+    The images are re-normalised from the encoder's normalisation to the teacher's.
+    """
+
+    output_key = "teacher_logits"
+
+    def __init__(self, teacher: torch.nn.Module, teacher_norm: str, views: tuple[str, ...]):
+        self.teacher, self.teacher_norm, self.views = teacher, teacher_norm, tuple(views)
+        self._forward = teacher
+
+    @property
+    def key(self) -> Hashable:
+        return ("teacher", id(self.teacher), self.teacher_norm, self.views)
+
+    def compile(self, backend: str) -> None:
+        self._forward = torch.compile(self.teacher, backend=backend)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, outputs: dict, encoder) -> None:
+        views = [v for v in self.views if v in outputs]
+        images = torch.cat([batch[v] for v in views])
+        if next(self.teacher.parameters()).device != images.device:
+            self.teacher.to(images.device)
+        logits = self._forward(renormalize(images, encoder.norm, self.teacher_norm))
+        for view, part in zip(views, logits.split([len(batch[v]) for v in views])):
+            outputs[view][self.output_key] = part
+
+
+class MaskedPhotoPass(AuxiliaryPass):
+    """PuXIM's purified photos: the encoder run again on the patches the VxL sampler keeps.
+
+    Adds `masked_tokens` and `masked_keep_index` to `outputs[view]` of the positive and the
+    negative photo. With `cache_masks`, each training photo's kept patches are computed once
+    (only valid when photos are not randomly augmented).
+    """
+
+    masked_views = ("photo_pos", "photo_neg")
+
+    def __init__(self, sampler, cache_masks: bool):
+        self.sampler, self.cache_masks = sampler, bool(cache_masks)
+        self.class_names: list[str] = []
+        self.mask_cache: dict[int, torch.Tensor] = {}  # training-photo index -> kept patches, for this run
+        self._backend: str | None = None
+        self._compiled: tuple = (None, None)  # (encoder, compiled encode_masked)
+
+    @property
+    def key(self) -> Hashable:
+        return ("masked_photos", id(self.sampler), self.cache_masks)
+
+    def prepare(self, encoder, class_names: list[str]) -> None:
+        self.class_names = list(class_names)
+
+    def compile(self, backend: str) -> None:
+        self._backend = backend
+        self.sampler.compile(backend)
+
+    def _encode_masked(self, encoder):
+        if self._backend is None:
+            return encoder.encode_masked
+        if self._compiled[0] is not encoder:
+            self._compiled = (encoder, torch.compile(encoder.encode_masked, backend=self._backend))
+        return self._compiled[1]
+
+    def __call__(self, batch: dict, outputs: dict, encoder) -> None:
+        views = [VIEWS[v] for v in self.masked_views]
+        images = torch.cat([batch[v.name] for v in views])
+        labels = torch.cat([batch[v.label_key] for v in views])
+        photo_ids = None
+        if self.cache_masks:
+            photo_ids = [int(i) for i in torch.cat([batch[v.index_key] for v in views]).tolist()]
+        keep_index = self.sampler.keep_index(renormalize(images, encoder.norm, "clip"), labels, self.class_names,
+                                             photo_ids, self.mask_cache if self.cache_masks else None)
+        out: EncoderOutput = self._encode_masked(encoder)(images, "photo", keep_index)
+        for view, tokens, kept in zip(self.masked_views, out["tokens"].chunk(len(views)), keep_index.chunk(len(views))):
+            outputs[view]["masked_tokens"], outputs[view]["masked_keep_index"] = tokens, kept
