@@ -27,9 +27,9 @@ from zsbir.data.pairs import item_seed
 from zsbir.engine import distributed as dist
 from zsbir.engine.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries, save_atomic,
                                      write_text_atomic)
+from zsbir.engine.nonfinite import SkipBudget, restore_buffers, snapshot_buffers
 from zsbir.engine.resume import apply_optimizer_settings, optimizer_settings, refuse_unchangeable_keys
 from zsbir.engine.rundir import RunDirectoryLock, claim_run_directory, refuse_fresh_run_over_results
-from zsbir.engine.nonfinite import SkipBudget, restore_buffers, snapshot_buffers
 from zsbir.engine.preemption import PreemptionHandler
 from zsbir.engine.optim import build_optimizer, build_scheduler
 from zsbir.engine.runinfo import write_run_info
@@ -151,6 +151,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self.warnings: list[str] = []  # degenerate embeddings seen in this session's evaluations (metrics.json)
         self.skip_budget = SkipBudget(tcfg.get("skip_nonfinite_max_fraction", 0.2), tcfg.get("skip_nonfinite_window", 50))
+        self._buffers: list = []  # buffers before this step's forward (trainer.skip_nonfinite)
         self.resume_state: dict = {}
         self.wall_time_before = 0.0  # seconds spent in earlier sessions of this run (resumes)
         self._t_fit = time.monotonic()
