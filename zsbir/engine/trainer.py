@@ -416,7 +416,7 @@ class Trainer:
         self._last_save = time.monotonic()
         if self.main:
             write_run_info(self.run_dir)
-            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
         self._log_start()
         if self.metrics_before is None and self.cfg.eval.before_training:
             self.metrics_before = self.evaluate_unseen()
