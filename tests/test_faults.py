@@ -32,6 +32,8 @@ from zsbir.engine.trainer import NonFiniteLossError
 from zsbir.errors import ConfigError
 from zsbir.eval.metrics import NonFiniteEmbeddingsError, degenerate_embeddings, retrieval_metrics
 
+from test_resume import wait_for_step  # noqa: E402  (tests/ is on sys.path, as for datatree)
+
 REPO = Path(__file__).resolve().parents[1]
 # Smoke-sized CPU run long enough to be interrupted: 3 epochs x 8 steps, last.pt after every step.
 LONG_SMOKE = ["debug=smoke", "loss=[triplet]", "trainer.device=cpu", "trainer.max_epochs=3",
@@ -42,24 +44,6 @@ LONG_SMOKE = ["debug=smoke", "loss=[triplet]", "trainer.device=cpu", "trainer.ma
 def cli_env(cache: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ZSBIR_CACHE": str(cache),
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def saved_step(run_dir: Path) -> int:
-    try:
-        return int(load_checkpoint(run_dir / "last.pt")["step"])
-    except CheckpointError:
-        return -1
-
-
-def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while saved_step(run_dir) < step:
-        if process.poll() is not None:
-            pytest.fail(f"the run ended (rc {process.returncode}) before step {step}:\n{process.stdout.read()}")
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"no last.pt with step >= {step} after {timeout} s")
-        time.sleep(0.02)
 
 
 # ----------------------------------------------------------------------------- 1. signals with workers
@@ -219,7 +203,7 @@ def test_validation_of_a_collapsed_model_warns(make_trainer):
 # ----------------------------------------------------------------------------- 6. run-directory lock first
 HOLD_LOCK = """
 import sys, time
-from zsbir.engine.rundir import RunDirectoryLock
+from zsbir.engine.checkpoint import RunDirectoryLock
 RunDirectoryLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

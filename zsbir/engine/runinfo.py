@@ -44,6 +44,7 @@ def write_run_info(run_dir: Path) -> dict:
         "git": git_commit(Path(zsbir.__file__).resolve().parent),
         "packages": package_versions(),
     }
-    with open(run_dir / "run_info.json", "w") as handle:
-        json.dump(info, handle, indent=2)
+    from zsbir.engine.checkpoint import write_text_atomic
+
+    write_text_atomic(run_dir / "run_info.json", json.dumps(info, indent=2))
     return info

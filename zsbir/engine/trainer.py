@@ -27,7 +27,7 @@ from zsbir.data.views import domain_of
 from zsbir.engine import distributed as dist
 from zsbir.engine.callbacks import default_callbacks
 from zsbir.engine.checkpoint import (changed_keys, check_fingerprint, checkpoint_state, fingerprint, load_checkpoint,
-                                     remove_stale_temporaries, save_atomic)
+                                     remove_stale_temporaries, save_atomic, write_text_atomic)
 from zsbir.engine.device import amp_dtype, pick_device
 from zsbir.engine.nonfinite import SkipBudget, restore_buffers, snapshot_buffers
 from zsbir.engine.resume import apply_optimizer_settings, optimizer_settings, refuse_unchangeable_keys
@@ -165,6 +165,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self.warnings: list[str] = []  # degenerate embeddings seen in this session's evaluations (metrics.json)
         self.skip_budget = SkipBudget(tcfg.get("skip_nonfinite_max_fraction", 0.2), tcfg.get("skip_nonfinite_window", 50))
+        self._buffers: list = []  # buffers before this step's forward (trainer.skip_nonfinite)
         self.resume_state: dict = {}
         self.wall_time_before = 0.0  # seconds spent in earlier sessions of this run (resumes)
         self._t_fit = time.monotonic()
@@ -393,7 +394,7 @@ class Trainer:
         self._t_fit = self.last_save_time = time.monotonic()
         if self.is_main_process:
             write_run_info(self.run_dir)
-            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
         self._log_start()
         self._call("on_fit_start")
         max_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
