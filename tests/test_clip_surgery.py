@@ -157,3 +157,18 @@ def test_puxim_preset_scores_with_clip_surgery(compose_cfg):
     for term in ("puxim_recon", "puxim_match"):
         vxl = cfg.loss[term].vxl
         assert (vxl.scoring, vxl.surgery_blocks, vxl.redundant_text, vxl.text_template) == ("surgery", 6, "a", "{}")
+
+
+def test_vxl_surgery_rejects_blocks_without_packed_qkv(monkeypatch):
+    import open_clip
+
+    real = open_clip.create_model
+
+    def without_packed_qkv(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.visual.transformer.resblocks[-1].attn = nn.Identity()  # as a custom attention block would look
+        return model
+
+    monkeypatch.setattr(open_clip, "create_model", without_packed_qkv)
+    with pytest.raises(VxLConfigError, match="packed q/k/v projection .* vxl.scoring=plain"):
+        VxLSampler(pretrained=None, image_size=32, tiny=True)

@@ -268,9 +268,11 @@ CONVERTED = "SAKE's cid_mask.pickle converted as it is: SAKE's procedure needs t
 
 def write_table(table: dict, split: str, out_dir: Path, procedure: str = REBUILT) -> Path:
     path = out_dir / packaged_name(split)
-    payload = {"split": split, "wordnet": "3.0", "imagenet_classes": IMAGENET_CLASSES, "procedure": procedure,
-               "classes": table}
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    header = {"split": split, "wordnet": "3.0", "imagenet_classes": IMAGENET_CLASSES, "procedure": procedure}
+    # one line per class, so that a rebuild's diff names the classes that changed
+    lines = [f" {json.dumps(key)}: {json.dumps(value)}," for key, value in header.items()]
+    rows = [f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in table.items()]
+    path.write_text("{\n" + "\n".join(lines) + '\n "classes": {\n' + ",\n".join(rows) + "\n }\n}\n")
     return path
 
 

@@ -85,6 +85,10 @@ class VxLSampler:
         visual = self.model.visual
         if visual.attn_pool is not None or visual.final_ln_after_pool or visual.proj is None:
             raise VxLConfigError(f"vxl.arch={arch}: the patch-text score needs a CLS-token ViT with ln_post and proj")
+        if scoring == "surgery" and not all(getattr(block.attn, "in_proj_weight", None) is not None
+                                            for block in visual.transformer.resblocks):
+            raise VxLConfigError(f"vxl.arch={arch}: CLIP Surgery needs blocks with a packed q/k/v projection "
+                                 "(open_clip's standard ViT, e.g. ViT-B-16); use vxl.scoring=plain for this model")
         visual.output_tokens = True
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.grid = tuple(int(n) for n in visual.grid_size)
