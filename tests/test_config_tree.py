@@ -26,8 +26,17 @@ def test_the_tree_has_the_documented_groups():
 
 def test_default_config_composes(compose_cfg):
     cfg = compose_cfg()
-    assert cfg.data.name == "synthetic" and cfg.model.name == "small_cnn" and list(cfg.loss) == ["triplet", "triplet_hard", "ce"]
+    assert cfg.data.name == "synthetic" and cfg.model.name == "small_cnn"
+    assert list(cfg.loss) == ["triplet", "triplet_hard", "ce"] and cfg.model.cls_head and cfg.model.dsbn == "per_domain"
     OmegaConf.resolve(cfg)  # every interpolation resolves
+
+
+def test_only_the_default_model_adds_the_seen_class_ce_term(compose_cfg):
+    # small_cnn has a class head; models without one keep the triplet pair, and loss=[...] always wins
+    assert list(compose_cfg("model=clip_prompt").loss) == ["triplet", "triplet_hard"]
+    assert list(compose_cfg("model=resnet50").loss) == ["triplet", "triplet_hard"]
+    assert list(compose_cfg("loss=[triplet]").loss) == ["triplet"]
+    assert list(compose_cfg("debug=smoke").loss) == ["triplet", "triplet_hard", "ce"]
 
 
 @pytest.mark.parametrize("group,option", ALL, ids=[f"{g}={o}" for g, o in ALL])
