@@ -186,20 +186,22 @@ def _warm_up_kernels(data: dict, device: str) -> None:
 
 # ---------------------------------------------------------------- 2: training step
 
-def train_step(rec: Recorder, overrides: list[str], device: str, batch_size: int, image_size: int, steps: int,
-               warmup: int, cnn: bool, compile_backend: str | None, weights: dict | None = None) -> None:
+def train_step(rec: Recorder, overrides: list[str], device: str, batch_size: int | None, image_size: int,
+               steps: int, warmup: int, cnn: bool, compile_backend: str | None, weights: dict | None = None) -> None:
     """Train-step images/s in one process: plain fp32, then the speed options, then (with a
     `compile_backend`) the same with torch.compile too.
 
-    `weights`: the arguments of `weight_files` when the overrides name its files (written
-    here when setup did not get to it)."""
+    `batch_size` None: the preset's own. `weights`: the arguments of `weight_files` when the
+    overrides name its files (written here when setup did not get to it)."""
     import logging
 
-    from zsbir.bench import PLAIN_OPTIONS, time_train_step
+    from zsbir.bench import PLAIN_OPTIONS, _compose_train, time_train_step
 
     logging.getLogger("zsbir").setLevel(logging.WARNING)
     if weights:
         weight_files(**weights)
+    if batch_size is None:
+        batch_size = int(_compose_train(overrides).data.batch_size)
     options = {"batch_size": batch_size, "image_size": image_size, "steps": steps, "warmup": warmup,
                "device": device}
     base = [*overrides, f"data.batch_size={batch_size}", f"data.image_size={image_size}", f"trainer.device={device}"]
