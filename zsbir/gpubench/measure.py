@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from zsbir.bench import _current_rss_mib, _peak_mib
+from zsbir.bench_tools import _current_rss_mib, _peak_mib
 from zsbir.gpubench.worker import Recorder
 
 # Evaluation metrics of the QuickDraw row in docs/benchmarks.md.
@@ -125,7 +125,7 @@ def _save(state: dict, path: Path, torch) -> None:
 
 def evaluation(rec: Recorder, device: str, queries: int, gallery: int, dim: int, classes: int) -> None:
     """The evaluation engine at the given size: exact fp32 metrics, time and peak memory."""
-    from zsbir.bench import make_features
+    from zsbir.bench_tools import make_features
     from zsbir.eval.metrics import default_chunk_size, retrieval_metrics
 
     data = {k: v.to(device) for k, v in make_features(queries, gallery, dim, classes, 3.5, 0).items()}
@@ -146,7 +146,7 @@ def bf16_evaluation(rec: Recorder, device: str, queries: int, gallery: int, dim:
     """The same embeddings scored in fp32 and in bf16 (bf16 inputs and matrix product): largest metric difference."""
     import torch.nn.functional as F
 
-    from zsbir.bench import make_features
+    from zsbir.bench_tools import make_features
     from zsbir.eval.metrics import retrieval_metrics
 
     data = {k: v.to(device) for k, v in make_features(queries, gallery, dim, classes, 3.5, 0).items()}
@@ -195,7 +195,7 @@ def train_step(rec: Recorder, overrides: list[str], device: str, batch_size: int
     overrides name its files (written here when setup did not get to it)."""
     import logging
 
-    from zsbir.bench import PLAIN_OPTIONS, _compose_train, time_train_step
+    from zsbir.bench_tools import PLAIN_OPTIONS, _compose_train, time_train_step
 
     logging.getLogger("zsbir").setLevel(logging.WARNING)
     if weights:
@@ -228,7 +228,7 @@ def data_path(rec: Recorder, work: str, device: str, batch_size: int, image_size
     """The training data path (uint8 image cache, loader workers, copy, GPU-side augmentation) in images/s."""
     import logging
 
-    from zsbir.bench import _build_trainer, time_train_step
+    from zsbir.bench_tools import _build_trainer, time_train_step
 
     logging.getLogger("zsbir").setLevel(logging.WARNING)
     folder = ensure_image_cache(work, image_size, cache_workers, data_overrides)
@@ -285,7 +285,7 @@ def process_group(rec: Recorder, overrides: list[str], device: str, batch_size: 
     import torch
     import torch.distributed as torch_dist
 
-    from zsbir.bench import _build_trainer, random_batch
+    from zsbir.bench_tools import _build_trainer, random_batch
 
     logging.getLogger("zsbir").setLevel(logging.WARNING)
     with socket.socket() as probe:  # a free port for the rendezvous
@@ -338,7 +338,7 @@ def compile_encoder(rec: Recorder, overrides: list[str], device: str, batch_size
 
     import torch
 
-    from zsbir.bench import _compose_train
+    from zsbir.bench_tools import _compose_train
     from zsbir.models.encoder import build_encoder
 
     logging.getLogger("zsbir").setLevel(logging.WARNING)
