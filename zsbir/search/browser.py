@@ -52,7 +52,7 @@ class Query:
 
 
 def draw_square_and_search(page, url: str, side: int = 120, timeout: float = 60.0, expect: int = 1,
-                           load: bool = True) -> Query:
+                           load: bool = True, settle: float = 1.0) -> Query:
     """Open the app (when `load`), draw a square on the canvas with the brush, press Search and
     wait for at least `expect` result images, all decoded."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -71,6 +71,9 @@ def draw_square_and_search(page, url: str, side: int = 120, timeout: float = 60.
     for dx, dy in [(step, 0)] * 4 + [(0, step)] * 4 + [(-step, 0)] * 4 + [(0, -step)] * 4:
         strokes.move_by_offset(dx, dy)
     strokes.release().perform()
+    # The editor hands its image to the page's state after the stroke has been rendered; a
+    # click right away can still send the previous (blank) canvas on a loaded machine.
+    time.sleep(settle)
     before = page.find_element(By.ID, "status").text
     started = time.perf_counter()
     page.find_element(By.ID, "search").click()
