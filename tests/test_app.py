@@ -40,7 +40,7 @@ def test_browser_draws_a_sketch_and_sees_k_results(trained_run, tmp_path):
         assert query.images == TOP, query
         assert len(query.captions) == TOP and all(c.split(" · ")[0] in classes for c in query.captions), query
         assert query.status.startswith(f"{TOP} of {len(store)} photos")
-        again = draw_square_and_search(page, "", expect=TOP, load=False)  # a second query on the same page
+        again = draw_square_and_search(page, f"http://127.0.0.1:{port}/", expect=TOP)  # a second visit
         assert again.images == TOP
     finally:
         page.quit()

@@ -149,7 +149,7 @@ def bench_app(args) -> dict:
     try:
         trips = [draw_square_and_search(page, f"http://127.0.0.1:{port}/", expect=args.top)]  # warm-up
         for _ in range(args.repeats):
-            trips.append(draw_square_and_search(page, "", expect=args.top, load=False))
+            trips.append(draw_square_and_search(page, f"http://127.0.0.1:{port}/", expect=args.top))
         if args.screenshot:
             page.save_screenshot(args.screenshot)
     finally:

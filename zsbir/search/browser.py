@@ -52,25 +52,25 @@ class Query:
 
 
 def draw_square_and_search(page, url: str, side: int = 120, timeout: float = 60.0, expect: int = 1,
-                           load: bool = True) -> Query:
-    """Open the app (when `load`), draw a square on the canvas with the brush, press Search and
-    wait for at least `expect` result images, all decoded."""
+                           settle: float = 1.0) -> Query:
+    """Open the app, draw a square on the canvas with the brush, press Search and wait for at
+    least `expect` result images, all decoded."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    if load:
-        page.get(url)
-        WebDriverWait(page, timeout).until(lambda p: p.find_elements(By.CSS_SELECTOR, "#sketch canvas"))
-        page.find_element(By.CSS_SELECTOR, "#sketch button[aria-label='Brush']").click()
-    else:
-        page.find_element(By.CSS_SELECTOR, "#sketch button[aria-label='Clear canvas']").click()
+    page.get(url)
+    WebDriverWait(page, timeout).until(lambda p: p.find_elements(By.CSS_SELECTOR, "#sketch canvas"))
+    page.find_element(By.CSS_SELECTOR, "#sketch button[aria-label='Brush']").click()
     canvas = page.find_elements(By.CSS_SELECTOR, "#sketch canvas")[-1]
     step = side // 4
     strokes = ActionChains(page).move_to_element_with_offset(canvas, -side // 2, -side // 2).click_and_hold()
     for dx, dy in [(step, 0)] * 4 + [(0, step)] * 4 + [(-step, 0)] * 4 + [(0, -step)] * 4:
         strokes.move_by_offset(dx, dy)
     strokes.release().perform()
+    # The editor hands its image to the page's state after the stroke has been rendered; a
+    # click right away can still send the previous (blank) canvas on a loaded machine.
+    time.sleep(settle)
     before = page.find_element(By.ID, "status").text
     started = time.perf_counter()
     page.find_element(By.ID, "search").click()
