@@ -47,10 +47,11 @@ EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT (128 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def ignore_stop_signals() -> None:
-    """In a DataLoader worker: leave SIGTERM/SIGUSR1/SIGINT to the main process, which saves and
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """In a DataLoader worker (also usable as its `worker_init_fn`): leave SIGTERM/SIGUSR1/SIGINT,
+    and submitit's time-limit signal inside a submitit job, to the main process, which saves and
     then shuts the workers down (they also exit when the main process dies)."""
-    for sig in PREEMPTION_SIGNALS:
+    for sig in preemption_signals():
         signal.signal(sig, signal.SIG_IGN)
 
 
