@@ -177,3 +177,24 @@ def test_dropping_training_classes_keeps_the_others_and_names_the_dropped():
     with pytest.raises(CrossDatasetError, match="every unseen class .*exclude_train_classes=false"):
         drop_training_classes(data, UNSEEN)
     assert np.array_equal(drop_training_classes(data, ["zebra"])[0].zero_photo.labels, data.zero_photo.labels)
+
+
+# ----------------------------------------------------------------------------- training's final test
+
+def test_training_writes_each_selected_protocol_under_its_key(compose_cfg, tmp_path):
+    import json
+
+    from zsbir.train import run
+
+    cfg = compose_cfg("debug=smoke", "trainer.max_epochs=1", "eval.before_training=false", "eval.protocols=[gzs]",
+                      "eval.grids.protocol=gzs", "eval.grids.queries=2", "eval.grids.tile=16")
+    run(cfg, str(tmp_path / "run"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["protocols"] == ["zs", "gzs"]  # zs always: its `test` key is the run's headline
+    assert (metrics["test"]["n_queries"], metrics["test"]["n_gallery"]) == (60, 60)
+    assert (metrics["gzs"]["n_queries"], metrics["gzs"]["n_gallery"]) == (72, 72)
+    assert metrics["gzs"]["seen"]["n_queries"] == 12 and metrics["gzs"]["unseen"]["n_queries"] == 60
+    assert set(metrics["test_eval_seconds"]) == {"embed", "score_zs", "score_gzs"}
+    assert len(metrics["retrieval_grids"]) == 2
+    table = (tmp_path / "run" / "results.txt").read_text()
+    assert "unseen-class retrieval" in table and "generalized zero-shot" in table

@@ -10,6 +10,7 @@ among them (default `[zs]`). Definitions and sources: docs/metrics.md.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from zsbir.data.filelist import FileList
 from zsbir.errors import ZsbirError
+
+log = logging.getLogger(__name__)
 
 # Metrics every results table shows, after the dataset's own (data.metrics).
 DEFAULT_METRICS = ["map_all", "prec_100", "map_200", "prec_200"]
@@ -181,6 +184,11 @@ class PhotoRetrievalProtocol(Protocol):
         queries, gallery = (FileList([p for p, q in zip(photos.paths, is_query) if q == side],
                                      [c for c, q in zip(photos.labels, is_query) if q == side], f"{photos.source} ({what})")
                             for side, what in ((True, f"first {per_class} per class"), (False, "the rest")))
+        bare = sorted(set(queries.labels) - set(gallery.labels))
+        if bare:  # their queries have no relevant photo: no AP, left out of the means
+            log.warning("pbir: %d of %d unseen classes have at most %d photos, so none is left in the gallery "
+                        "(their queries are not scored); lower eval.pbir.queries_per_class", len(bare),
+                        len(set(queries.labels)), per_class)
         return RetrievalTask(queries, "photo", gallery, "photo", data.unseen_classes)
 
 
