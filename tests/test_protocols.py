@@ -149,6 +149,13 @@ def test_test_protocols_refuse_the_validation_split_and_unknown_names():
     assert selected_protocols(OmegaConf.create({})) == ["zs"]
 
 
+def test_the_config_schema_knows_every_registered_protocol():
+    from zsbir.choices import EVAL_PROTOCOLS
+    from zsbir.eval.protocols import PROTOCOLS
+
+    assert tuple(PROTOCOLS) == EVAL_PROTOCOLS
+
+
 def test_eval_options_name_unknown_protocols_and_grids_of_unevaluated_ones(compose_cfg):
     cfg = compose_cfg("run_dir=x", "eval.protocols=[zs,gzs,pbir]", "eval.grids.protocol=pbir", config_name="eval")
     validate_eval_options(cfg.eval)

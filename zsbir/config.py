@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from zsbir.choices import AUGMENT_RECIPES, ENCODE_MODES, LR_SCHEDULES, SyntheticSpec, metric_names
+from zsbir.choices import (AUGMENT_RECIPES, ENCODE_MODES, EVAL_PROTOCOLS, GZS_SOURCES, LR_SCHEDULES, SyntheticSpec,
+                           metric_names)
 from zsbir.errors import ConfigError
 
 
@@ -81,7 +82,7 @@ class BinarySchema:
 class GzsSchema:
     fraction: float = option(0.2, minimum=0, maximum=1)
     seed: int = option(0, minimum=0)
-    source: str = option("train", choices=("train", "val"))
+    source: str = option("train", choices=GZS_SOURCES)
 
 
 @dataclass(kw_only=True)
@@ -91,7 +92,7 @@ class PbirSchema:
 
 @dataclass(kw_only=True)
 class GridsSchema:
-    protocol: str = option("zs", choices=("zs", "gzs", "pbir"))
+    protocol: str = option("zs", choices=EVAL_PROTOCOLS)
     queries: int = option(8, minimum=0)
     top_k: int = option(10, minimum=1)
     seed: int = option(0, minimum=0)
@@ -379,13 +380,11 @@ def _check_across_groups(values: dict) -> list[str]:
 
 def _check_protocols(eval_cfg: dict) -> list[str]:
     """eval.protocols names registered protocols; grids are drawn for an evaluated one."""
-    from zsbir.eval.protocols import PROTOCOLS
-
     names = eval_cfg.get("protocols")
     if not isinstance(names, list):
         return []  # a wrong type is reported by the schema check
-    problems = [f"eval.protocols contains {n!r}: known protocols are {'|'.join(PROTOCOLS)}" for n in names
-                if n not in PROTOCOLS]
+    problems = [f"eval.protocols contains {n!r}: known protocols are {'|'.join(EVAL_PROTOCOLS)}" for n in names
+                if n not in EVAL_PROTOCOLS]
     grids = eval_cfg.get("grids") if isinstance(eval_cfg.get("grids"), dict) else {}
     drawn = grids.get("protocol", "zs")
     if drawn != "zs" and drawn not in names:

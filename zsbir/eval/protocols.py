@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from zsbir.choices import GZS_SOURCES
 from zsbir.data.filelist import FileList
 from zsbir.errors import ZsbirError
 
@@ -99,9 +100,6 @@ class ZeroShotProtocol(Protocol):
         if split == "val":
             return RetrievalTask(data.val_sketch, "sketch", data.val_photo, "photo", data.seen_classes)
         raise ValueError(f"protocol zs has splits 'test' and 'val', not {split!r}")
-
-
-GZS_SOURCES = ("train", "val")
 
 
 class GeneralizedZeroShotProtocol(Protocol):
@@ -194,6 +192,8 @@ class PhotoRetrievalProtocol(Protocol):
 
 PROTOCOLS: dict[str, type[Protocol]] = {
     cls.name: cls for cls in (ZeroShotProtocol, GeneralizedZeroShotProtocol, PhotoRetrievalProtocol)}
+# The config schema validates eval.protocols against zsbir.choices.EVAL_PROTOCOLS (it imports no
+# implementation module); a new protocol is named there too (tests/test_protocols.py checks).
 
 
 def selected_protocols(eval_cfg, require_zs: bool = False) -> list[str]:
