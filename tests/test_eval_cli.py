@@ -189,3 +189,49 @@ def test_eval_config_defaults_match_training(compose_cfg):
     train = OmegaConf.to_container(compose_cfg().eval)
     train.pop("before_training")  # training only
     assert OmegaConf.to_container(compose_cfg("run_dir=x", config_name="eval").eval) == train
+
+
+# ----------------------------------------------------------------------------- protocols (docs/metrics.md)
+
+def test_three_protocols_in_one_pass_each_under_its_key_with_counts(run_copy, evaluate_run, embed_calls):
+    result = evaluate_run(run_copy, "eval.protocols=[zs,gzs,pbir]", "eval.pbir.queries_per_class=2",
+                          "eval.grids.protocol=pbir")
+    assert embed_calls == [1] and result["protocols"] == ["zs", "gzs", "pbir"]
+    # smoke data: 15 unseen classes x 4 sketches and photos; GZS adds 20 % seen-class items
+    assert (result["test"]["n_queries"], result["test"]["n_gallery"]) == (60, 60)
+    assert (result["gzs"]["n_queries"], result["gzs"]["n_gallery"]) == (72, 72)
+    assert (result["gzs"]["unseen"]["n_queries"], result["gzs"]["seen"]["n_queries"]) == (60, 12)
+    assert (result["pbir"]["n_queries"], result["pbir"]["n_gallery"]) == (30, 30)
+    trained = json.loads((run_copy / "metrics.json").read_text())["test"]
+    assert result["test"]["map_all"] == pytest.approx(trained["map_all"], abs=1e-6)  # zs unchanged by the others
+    written = json.loads((run_copy / "eval" / "synthetic-best" / "eval_metrics.json").read_text())
+    assert written["gzs"] == result["gzs"] and written["pbir"] == result["pbir"]  # JSON keeps floats exactly
+    table = (run_copy / "eval" / "synthetic-best" / "results.txt").read_text()
+    assert "generalized zero-shot" in table and "seen queries" in table and "photo-based" in table
+    assert len(result["retrieval_grids"]) == 2
+    again = evaluate_run(run_copy, "eval.protocols=[pbir,gzs]", "eval.pbir.queries_per_class=2")
+    assert embed_calls == [1] and again["embeddings_reused"]  # each protocol's embeddings cached
+    assert again["gzs"] == result["gzs"]
+
+
+def test_cross_dataset_evaluation_drops_the_classes_the_run_trained_on(run_copy, evaluate_run, tmp_path):
+    """A second benchmark whose unseen classes include two of the run's training classes
+    (written with other case, hyphens and spaces)."""
+    from zsbir.data.datamodule import dataset_root
+
+    source = dataset_root(OmegaConf.load(run_copy / "config.yaml").data)
+    other = tmp_path / "other"
+    shutil.copytree(source / "zeroshot", other / "zeroshot")
+    for folder in ("sketch", "photo"):
+        (other / folder).symlink_to(source / folder)
+    names = (other / "zeroshot" / "cname_cid_zero.txt").read_text().splitlines()
+    names[0], names[1] = "Shape-000 0", "SHAPE 001 1"
+    (other / "zeroshot" / "cname_cid_zero.txt").write_text("\n".join(names) + "\n")
+    data = ["data=synthetic", "data.synthetic=null", f"data.root={other}", "data.max_per_class=4", "cache=false"]
+    kept = evaluate_run(run_copy, *data)
+    assert kept["excluded_classes"] == [] and kept["n_queries"] == 15 * 4
+    dropped = evaluate_run(run_copy, *data, "eval.exclude_train_classes=true")
+    assert dropped["excluded_classes"] == ["Shape-000", "SHAPE 001"]
+    assert (dropped["n_queries"], dropped["n_gallery"]) == (13 * 4, 13 * 4)
+    written = json.loads((run_copy / "eval" / "synthetic-best" / "eval_metrics.json").read_text())
+    assert written["excluded_classes"] == ["Shape-000", "SHAPE 001"]

@@ -205,3 +205,29 @@ def test_published_numbers_match_the_shared_transcription():
                     assert f"{value:.3f}" in line, (key, row_name, value)
                     checked += 1
     assert checked == 50 + 40 + 8  # every number of the three tables (their "–" cells excluded)
+
+
+def test_one_table_per_evaluation_protocol_with_its_own_means(tmp_path):
+    root = tmp_path / "outputs"
+    for seed, (zs, gzs, pbir) in enumerate([(0.50, 0.30, 0.70), (0.54, 0.34, 0.74)], start=1):
+        run_dir = fake_run(root, f"sake_{seed}", "sake", "sketchy", seed, {"map_all": zs, "prec_100": 0.6})
+        record = json.loads((run_dir / "metrics.json").read_text())
+        record.update(protocols=["zs", "gzs", "pbir"],
+                      gzs={"map_all": gzs, "prec_100": 0.2, "seen": {"map_all": 0.9}, "n_queries": 12},
+                      pbir={"map_all": pbir, "prec_100": 0.8, "n_queries": 5})
+        (run_dir / "metrics.json").write_text(json.dumps(record))
+    fake_run(root, "dsn_1", "dsn", "sketchy", 1, {"map_all": 0.4, "prec_100": 0.5})  # zs only
+    markdown, _ = report.make_report([root])
+    titles = [line for line in markdown.splitlines() if line.startswith("### ")]
+    assert titles == ["### zsbir results", "### zsbir results — generalized ZS-SBIR (gzs)",
+                      "### zsbir results — photo-based image retrieval (pbir)"]
+    text, _ = report.make_report([root], fmt="csv")
+    rows = [r for r in csv.DictReader(io.StringIO(text)) if r["method"] in ("sake", "dsn")]
+    by_protocol = {(r["eval_protocol"], r["method"]): r for r in rows}
+    assert set(by_protocol) == {("zs", "sake"), ("zs", "dsn"), ("gzs", "sake"), ("pbir", "sake")}
+    for name, expected in (("zs", 0.52), ("gzs", 0.32), ("pbir", 0.72)):
+        assert float(by_protocol[(name, "sake")]["sketchy/map_all/mean"]) == pytest.approx(expected)
+        assert by_protocol[(name, "sake")]["sketchy/map_all/n"] == "2"
+    # published numbers are zs numbers: never beside the gzs or pbir means
+    assert by_protocol[("zs", "sake")]["sketchy/map_all/paper"] != ""
+    assert by_protocol[("gzs", "sake")]["sketchy/map_all/paper"] == by_protocol[("pbir", "sake")]["sketchy/map_all/paper"] == ""

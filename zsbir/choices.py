@@ -10,6 +10,8 @@ from dataclasses import dataclass
 AUGMENT_RECIPES = ("none", "flip", "sake", "dsn", "clip")  # data.augment (CPU transforms and GPU augmentation)
 LR_SCHEDULES = ("constant", "cosine", "exp")  # sched.name
 ENCODE_MODES = ("joint", "per_domain")  # model.encode: one encoder call per step, or one per domain
+EVAL_PROTOCOLS = ("zs", "gzs", "pbir")  # eval.protocols: the registry of zsbir/eval/protocols.py
+GZS_SOURCES = ("train", "val")  # eval.gzs.source: where GZS's seen-class items come from
 
 
 def metric_names(map_at, prec_at) -> list[str]:

@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from zsbir.choices import AUGMENT_RECIPES, ENCODE_MODES, LR_SCHEDULES, SyntheticSpec, metric_names
+from zsbir.choices import (AUGMENT_RECIPES, ENCODE_MODES, EVAL_PROTOCOLS, GZS_SOURCES, LR_SCHEDULES, SyntheticSpec,
+                           metric_names)
 from zsbir.errors import ConfigError
 
 
@@ -78,7 +79,20 @@ class BinarySchema:
 
 
 @dataclass(kw_only=True)
+class GzsSchema:
+    fraction: float = option(0.2, minimum=0, maximum=1)
+    seed: int = option(0, minimum=0)
+    source: str = option("train", choices=GZS_SOURCES)
+
+
+@dataclass(kw_only=True)
+class PbirSchema:
+    queries_per_class: int = option(10, minimum=1)
+
+
+@dataclass(kw_only=True)
 class GridsSchema:
+    protocol: str = option("zs", choices=EVAL_PROTOCOLS)
     queries: int = option(8, minimum=0)
     top_k: int = option(10, minimum=1)
     seed: int = option(0, minimum=0)
@@ -92,6 +106,10 @@ class EvalSchema:
     prec_at: List[int] = option()
     per_class: bool = option()
     chunk_size: Optional[int] = option(None, minimum=1)
+    protocols: Optional[List[str]] = option(None)  # absent: [zs]
+    gzs: Optional[GzsSchema] = option(None)
+    pbir: Optional[PbirSchema] = option(None)
+    exclude_train_classes: bool = option(False)
     before_training: bool = option()
     binary: Optional[BinarySchema] = option(None)
     grids: Optional[GridsSchema] = option(None)
@@ -345,6 +363,7 @@ def _check_across_groups(values: dict) -> list[str]:
     if data and not data.get("synthetic") and not data.get("root"):
         problems.append("data.root is null: set data.root=/path/to/the/dataset (or paths.data_dir / ZSBIR_DATA)")
     problems += _check_model_and_optim(values.get("model"), values.get("optim"))
+    problems += _check_protocols(eval_cfg)
     cutoffs = [(key, k) for key in ("map_at", "prec_at") for k in eval_cfg.get(key) or []]
     if not all(isinstance(k, int) for _, k in cutoffs):
         return problems  # eval.map_at / prec_at themselves are wrong, and reported as such
@@ -356,6 +375,21 @@ def _check_across_groups(values: dict) -> list[str]:
         problems.append(f"trainer.select_metric={select!r}: {hint}")
     metrics = data.get("metrics") if isinstance(data.get("metrics"), list) else []
     problems += [f"data.metrics contains {m!r}: {hint}" for m in metrics if m not in known]
+    return problems
+
+
+def _check_protocols(eval_cfg: dict) -> list[str]:
+    """eval.protocols names registered protocols; grids are drawn for an evaluated one."""
+    names = eval_cfg.get("protocols")
+    if not isinstance(names, list):
+        return []  # a wrong type is reported by the schema check
+    problems = [f"eval.protocols contains {n!r}: known protocols are {'|'.join(EVAL_PROTOCOLS)}" for n in names
+                if n not in EVAL_PROTOCOLS]
+    grids = eval_cfg.get("grids") if isinstance(eval_cfg.get("grids"), dict) else {}
+    drawn = grids.get("protocol", "zs")
+    if drawn != "zs" and drawn not in names:
+        problems.append(f"eval.grids.protocol={drawn!r} is not evaluated: add it to eval.protocols "
+                        f"(now {names}) or draw zs")
     return problems
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -60,6 +61,15 @@ class RunResult:
     metrics_order: tuple = ()
     source: str = ""
     finished_at: float = 0.0
+    eval_protocol: str = "zs"  # the evaluation protocol (docs/metrics.md): zs, gzs, pbir
+
+
+# Table titles and the first note of each evaluation protocol's table.
+EVAL_PROTOCOLS = {
+    "zs": ("", "unseen-class test metrics"),
+    "gzs": (" — generalized ZS-SBIR (gzs)", "generalized ZS-SBIR metrics over all queries (seen + unseen classes)"),
+    "pbir": (" — photo-based image retrieval (pbir)", "photo-to-photo retrieval metrics on the unseen classes"),
+}
 
 
 def run_from_metrics_file(path: Path) -> RunResult:
@@ -73,6 +83,20 @@ def run_from_metrics_file(path: Path) -> RunResult:
     )
 
 
+def runs_from_metrics_file(path: Path) -> list[RunResult]:
+    """The run's zs result, then one per other protocol it evaluated (`protocols` in metrics.json)."""
+    from zsbir.eval.protocols import PROTOCOLS
+
+    base = run_from_metrics_file(path)
+    record = json.loads(path.read_text())
+    runs = [base]
+    for name in record.get("protocols") or []:
+        if name != "zs" and name in PROTOCOLS and isinstance(record.get(PROTOCOLS[name].result_key), dict):
+            metrics = {k: v for k, v in record[PROTOCOLS[name].result_key].items() if isinstance(v, (int, float))}
+            runs.append(dataclasses.replace(base, metrics=metrics, eval_protocol=name))
+    return runs
+
+
 def collect_local(folder: Path) -> tuple[list[RunResult], list[str]]:
     """Finished runs under `folder` (recursively) and notes about folders that were skipped."""
     if not folder.exists():
@@ -80,7 +104,7 @@ def collect_local(folder: Path) -> tuple[list[RunResult], list[str]]:
     runs, notes = [], []
     for path in sorted(folder.rglob("metrics.json")):
         try:
-            runs.append(run_from_metrics_file(path))
+            runs += runs_from_metrics_file(path)
         except (OSError, ValueError, KeyError, TypeError) as err:
             notes.append(f"skipped {path}: not a zsbir metrics.json ({type(err).__name__}: {err})")
     for marker in sorted(folder.rglob("FAILED")):
@@ -126,7 +150,7 @@ def deduplicate(runs: list[RunResult]) -> tuple[list[RunResult], list[str]]:
     newest: dict[tuple, RunResult] = {}
     notes = []
     for run in sorted(runs, key=lambda r: r.finished_at):
-        key = (run.method, run.dataset, run.protocol, run.per_class, run.seed)
+        key = (run.method, run.dataset, run.protocol, run.per_class, run.seed, run.eval_protocol)
         if key in newest:
             notes.append(f"{run.method}/{run.dataset} seed {run.seed}: using {run.source} (newest), "
                          f"not {newest[key].source}")
@@ -172,6 +196,7 @@ class Table:
     sources: dict  # source key -> citation, for the sources cited in the table
     notes: list[str]
     dataset_labels: dict
+    eval_protocol: str = "zs"
 
     def column_keys(self) -> list[tuple[str, str]]:
         return [(dataset, metric) for dataset, metrics in self.columns for metric in metrics]
@@ -191,17 +216,21 @@ def default_columns(runs: list[RunResult], data: dict) -> list:
     return columns
 
 
-def published_value(data: dict, method: str, dataset: str, metric: str, layout: str | None):
+def published_value(data: dict, method: str, dataset: str, metric: str, layout: str | None,
+                    eval_protocol: str = "zs"):
     """(value, source key) of the published number for our `method`, or (None, None).
 
     In a paper's layout only that paper's table counts; otherwise the method's sources in
-    their order of preference (its own paper first).
+    their order of preference (its own paper first). A table holds the numbers of one
+    evaluation protocol (its `protocol` key, default zs).
     """
     rows = data["methods"].get(method, {}).get("rows", {})
     for table_key, row_name in rows.items():
         if layout is not None and table_key != layout:
             continue
         table = data["tables"][table_key]
+        if table.get("protocol", "zs") != eval_protocol:
+            continue
         value = table["rows"].get(row_name, {}).get(dataset, {}).get(metric)
         if value is not None:
             return float(value), table["source"]
@@ -219,12 +248,13 @@ def protocol_note(protocols: set[tuple[str, bool]]) -> str:
     return "metric protocol (docs/metrics.md): " + "; ".join(parts)
 
 
-def build_table(runs: list[RunResult], layout: str | None = None, data: dict | None = None) -> Table:
+def build_table(runs: list[RunResult], layout: str | None = None, data: dict | None = None,
+                eval_protocol: str = "zs") -> Table:
     data = data or published_data()
     if layout is not None and layout not in data["tables"]:
         raise ReportError(f"unknown layout {layout!r}: choose one of {['runs', *data['tables']]}")
     if layout is None:
-        title, columns = "zsbir results", default_columns(runs, data)
+        title, columns = "zsbir results" + EVAL_PROTOCOLS[eval_protocol][0], default_columns(runs, data)
     else:
         table_spec = data["tables"][layout]
         title, columns = table_spec["title"], list(table_spec["columns"].items())
@@ -258,16 +288,16 @@ def build_table(runs: list[RunResult], layout: str | None = None, data: dict | N
         for dataset, metrics in columns:
             for metric in metrics:
                 values = [r.metrics[metric] for r in by_dataset.get(dataset, []) if metric in r.metrics]
-                value, source = published_value(data, method, dataset, metric, layout)
+                value, source = published_value(data, method, dataset, metric, layout, eval_protocol)
                 if source:
                     cited[source] = data["sources"][source]
                 cells[(dataset, metric)] = Cell([float(v) for v in values if not math.isnan(v)], value, source)
         rows.append(Row(method, label, protocol, per_class, cells))
         if method_info.get("note"):
             notes.append(f"{label}: {method_info['note']}")
-    notes[:0] = ["ours: unseen-class test metrics, mean ± sample std over seeds (n = number of seeds)",
+    notes[:0] = [f"ours: {EVAL_PROTOCOLS[eval_protocol][1]}, mean ± sample std over seeds (n = number of seeds)",
                  protocol_note({(p, c) for _, p, c in groups})]
-    return Table(title, columns, rows, cited, notes, data["dataset_labels"])
+    return Table(title, columns, rows, cited, notes, data["dataset_labels"], eval_protocol)
 
 
 # ---------------------------------------------------------------------------- formats
@@ -322,7 +352,7 @@ def format_csv(table: Table, digits: int = 6) -> str:
     header = ["method", "protocol", "per_class"]
     for dataset, metric in table.column_keys():
         header += [f"{dataset}/{metric}/{part}" for part in ("mean", "std", "n", "paper")]
-    writer.writerow([*header, "paper_sources"])
+    writer.writerow([*header, "paper_sources", "eval_protocol"])
     for row in table.rows:
         values = [row.method, row.protocol, row.per_class]
         used = []
@@ -334,7 +364,7 @@ def format_csv(table: Table, digits: int = 6) -> str:
             citation = table.sources.get(cell.published_source, {}).get("citation")
             if citation and citation not in used:
                 used.append(citation)
-        writer.writerow([*values, " | ".join(used)])
+        writer.writerow([*values, " | ".join(used), table.eval_protocol])
     return out.getvalue()
 
 
@@ -389,8 +419,15 @@ def make_report(folders: list[Path], wandb_project: str | None = None, fmt: str 
         listing = f" (skipped: {'; '.join(notes)})" if notes else ""
         raise ReportError(f"no finished runs (metrics.json) found in {where}{listing}")
     runs, replaced = deduplicate(runs)
-    table = build_table(runs, layout=layout)
-    return FORMATTERS[fmt](table), notes + replaced
+    # One table per evaluation protocol; a paper's layout is a zs table, so other protocols
+    # get the default columns.
+    texts = []
+    for eval_protocol in [p for p in EVAL_PROTOCOLS if any(r.eval_protocol == p for r in runs)]:
+        chosen = [r for r in runs if r.eval_protocol == eval_protocol]
+        table = build_table(chosen, layout=layout if eval_protocol == "zs" else None, eval_protocol=eval_protocol)
+        texts.append(FORMATTERS[fmt](table).strip("\n"))
+    # csv: one header row per protocol's block, each row naming its eval_protocol
+    return ("\n" if fmt == "csv" else "\n\n").join(texts), notes + replaced
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

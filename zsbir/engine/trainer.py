@@ -38,6 +38,7 @@ from zsbir.engine.runinfo import write_run_info
 from zsbir.engine.seed import rng_state, seed_everything, set_rng_state
 from zsbir.errors import ConfigError, ZsbirError
 from zsbir.eval.evaluator import Evaluator
+from zsbir.eval.protocols import selected_protocols
 from zsbir.eval.retrieval import embedding_warnings
 from zsbir.losses.base import LossContext, build_loss_set
 from zsbir.models.encoder import DOMAIN_IDS, ENCODE_MODES, build_encoder
@@ -436,9 +437,13 @@ class Trainer:
         dist.barrier()  # rank 0 has finished writing best.pt before any rank reads it
         best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
         self.encoder.load_state_dict(best["model"])
-        test, embeddings = self.evaluator.evaluate_with_embeddings(self.encoder)
+        protocols = selected_protocols(self.cfg.eval, require_zs=True)
+        results = self.evaluator.evaluate_protocols(self.encoder, protocols)
+        test, embeddings = results["zs"]
         self.warnings += embedding_warnings(embeddings, f"unseen-class test (best.pt, step {self.best_step})")
-        grids = self.evaluator.write_grids(embeddings, self.run_dir / "grids") if self.is_main_process else []
+        drawn = self.evaluator.grids_protocol(protocols)
+        grids = (self.evaluator.for_protocol(drawn).write_grids(results[drawn][1], self.run_dir / "grids")
+                 if self.is_main_process and drawn else [])
         wall_time = self.wall_time()
         total, trainable = self.encoder.num_parameters()
         described = self.evaluator.describe()
@@ -448,7 +453,9 @@ class Trainer:
             "model": self.cfg.model.get("name"),
             "seed": int(self.cfg.seed),
             **described,
-            self.evaluator.protocol.result_key: test,
+            **self.evaluator.results_by_key(results),
+            "protocols": protocols,
+            "test_eval_seconds": self.evaluator.seconds,
             "test_before_training": self.metrics_before,
             "n_queries": test["n_queries"],
             "n_gallery": test["n_gallery"],
@@ -463,9 +470,8 @@ class Trainer:
             "retrieval_grids": [str(p.relative_to(self.run_dir)) for p in grids],
             "warnings": self.warnings,
         }
-        rows = {"untrained network": self.metrics_before} if self.metrics_before else {}
-        rows[f"trained (best.pt, step {self.best_step})"] = test
-        table = self.evaluator.table(rows)
+        untrained = {"untrained network": self.metrics_before} if self.metrics_before else {}
+        table = self.evaluator.tables(results, f"trained (best.pt, step {self.best_step})", untrained)
         if self.is_main_process:
             self.evaluator.write_results(self.run_dir, "metrics.json", result, table)
             log.info("\n%s\nqueries: %d, gallery: %d; wall time %.1f s; run directory %s", table, result["n_queries"],

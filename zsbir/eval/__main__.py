@@ -28,10 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from zsbir._paths import config_dir
 from zsbir.errors import ZsbirError
+from zsbir.eval.protocols import PROTOCOLS
 
 log = logging.getLogger("zsbir.eval")
 
-CACHE_FORMAT = 1  # bump when the cached tensors or the key's contents change meaning
+CACHE_FORMAT = 2  # bump when the cached tensors or the key's contents change meaning
 
 
 class RunDirError(ZsbirError):
@@ -43,7 +44,9 @@ def run_eval(cfg: DictConfig) -> dict:
     from zsbir.data.datamodule import load_split
     from zsbir.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
     from zsbir.engine.device import amp_dtype, pick_device
+    from zsbir.eval.crossdata import drop_training_classes, training_class_names
     from zsbir.eval.evaluator import Evaluator
+    from zsbir.eval.protocols import selected_protocols
     from zsbir.eval.retrieval import Embeddings
     from zsbir.models.encoder import build_encoder
 
@@ -74,28 +77,38 @@ def run_eval(cfg: DictConfig) -> dict:
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt_path} does not fit the model of {run_dir / 'config.yaml'}: {err}") from None
     encoder.to(device)
-    evaluator = Evaluator(data, data_cfg, cfg.eval, encoder.norm, device, amp_dtype(requested, device))
-    task = evaluator.task("test")
+    excluded = []
+    if cfg.eval.get("exclude_train_classes"):
+        data, excluded = drop_training_classes(data, training_class_names(run_cfg.data))
+        log.info("eval.exclude_train_classes: dropped %d test classes the run trained on: %s", len(excluded), excluded)
+    names = selected_protocols(cfg.eval)
+    evaluator = Evaluator(data, data_cfg, cfg.eval, encoder.norm, device, amp_dtype(requested, device), protocol=names[0])
 
     checkpoint_sha256 = file_sha256(ckpt_path)
-    key = embedding_cache_key(checkpoint_sha256, data.root, task.queries, task.gallery,
-                              data_cfg.image_size, encoder.norm, evaluator.precision)
-    cache_path = run_dir / "embeddings" / f"{key}.pt"
-    cached = load_cached_embeddings(cache_path) if cfg.cache else None
-    if cached is not None:
-        embeddings = Embeddings(**cached)
-        log.info("embeddings: reusing %s", cache_path)
-    else:
-        embeddings = embed_split(evaluator, encoder)
-        if cfg.cache:
-            save_atomic(embeddings.state_dict(), cache_path)
-            log.info("embeddings: computed and cached in %s", cache_path)
+    embeddings, cache_paths = {}, {}
+    for name in names:
+        task = evaluator.for_protocol(name).task("test")
+        key = embedding_cache_key(checkpoint_sha256, data.root, task.queries, task.gallery, data_cfg.image_size,
+                                  encoder.norm, evaluator.precision, (task.query_domain, task.gallery_domain))
+        cache_paths[name] = run_dir / "embeddings" / f"{key}.pt"
+        cached = load_cached_embeddings(cache_paths[name]) if cfg.cache else None
+        if cached is not None:
+            embeddings[name] = Embeddings(**cached)
+            log.info("%s embeddings: reusing %s", name, cache_paths[name])
+    missing = [name for name in names if name not in embeddings]
+    if missing:
+        embeddings.update(embed_split(evaluator, encoder, missing))
+        for name in missing if cfg.cache else []:
+            save_atomic(embeddings[name].state_dict(), cache_paths[name])
+            log.info("%s embeddings: computed and cached in %s", name, cache_paths[name])
 
-    metrics = evaluator.score(embeddings)
+    results = {name: (evaluator.for_protocol(name).score(embeddings[name]), embeddings[name]) for name in names}
     out_dir = run_dir / "eval" / f"{data.name}-{ckpt_label}"
-    grids = evaluator.write_grids(embeddings, out_dir / "grids")
+    drawn = evaluator.grids_protocol(names)
+    grids = evaluator.for_protocol(drawn).write_grids(embeddings[drawn], out_dir / "grids") if drawn else []
     step = state.get("step")
-    table = evaluator.table({f"{ckpt_label} ({ckpt_path.name}, step {step})": metrics})
+    table = evaluator.tables(results, f"{ckpt_label} ({ckpt_path.name}, step {step})")
+    headline = results[names[0]][0]
     result = {
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt_path),
@@ -108,22 +121,25 @@ def run_eval(cfg: DictConfig) -> dict:
         "norm": encoder.norm,
         "precision": evaluator.precision,
         **evaluator.describe(),
-        evaluator.protocol.result_key: metrics,
-        "n_queries": metrics["n_queries"],
-        "n_gallery": metrics["n_gallery"],
-        "embeddings_cache": str(cache_path.relative_to(run_dir)) if cfg.cache else None,
-        "embeddings_reused": cached is not None,
+        "protocols": names,
+        **evaluator.results_by_key(results),
+        "n_queries": headline["n_queries"],  # of the first protocol; each protocol's own are in its metrics
+        "n_gallery": headline["n_gallery"],
+        "excluded_classes": excluded,
+        "embeddings_cache": str(cache_paths[names[0]].relative_to(run_dir)) if cfg.cache else None,
+        "embeddings_caches": {n: str(p.relative_to(run_dir)) for n, p in cache_paths.items()} if cfg.cache else None,
+        "embeddings_reused": not missing,
         "retrieval_grids": [str(p.relative_to(run_dir)) for p in grids],
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
     }
     evaluator.write_results(out_dir, "eval_metrics.json", result, table)
-    log.info("\n%s\nqueries: %d, gallery: %d; results in %s", table, result["n_queries"], result["n_gallery"], out_dir)
+    log.info("\n%s\nresults in %s", table, out_dir)
     return result
 
 
-def embed_split(evaluator, encoder):
-    """`Evaluator.embed` on the test split (a module-level name, so tests can count the calls)."""
-    return evaluator.embed(encoder, "test")
+def embed_split(evaluator, encoder, names: list[str]) -> dict:
+    """{protocol: embeddings} of the test split, one shared pass (a module-level name, so tests can count the calls)."""
+    return evaluator.embed_protocols(encoder, names, "test")
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
@@ -171,7 +187,7 @@ def file_sha256(path: Path) -> str:
 
 
 def embedding_cache_key(checkpoint_sha256: str, root, query_list, gallery_list, image_size: int, norm: str,
-                        precision: str) -> str:
+                        precision: str, domains: tuple[str, str] = ("sketch", "photo")) -> str:
     """SHA-256 (first 24 hex digits) of everything the embeddings depend on."""
     content = {
         "format": CACHE_FORMAT,
@@ -179,6 +195,7 @@ def embedding_cache_key(checkpoint_sha256: str, root, query_list, gallery_list, 
         "root": str(Path(root).resolve()),
         "queries": [query_list.paths, query_list.labels],
         "gallery": [gallery_list.paths, gallery_list.labels],
+        "domains": list(domains),  # PBIR embeds its queries as photos
         "transform": {"image_size": int(image_size), "norm": norm, "precision": precision},
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
@@ -203,7 +220,7 @@ def main(cfg: DictConfig) -> float:
     except ZsbirError as err:
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(1)
-    return float(result["test"]["map_all"])
+    return float(result[PROTOCOLS[result["protocols"][0]].result_key]["map_all"])
 
 
 if __name__ == "__main__":

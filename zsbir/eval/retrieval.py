@@ -39,6 +39,14 @@ class Embeddings:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.__dict__)
 
+
+def subset_queries(embeddings: Embeddings, rows) -> Embeddings:
+    """The same gallery with only the queries at list positions `rows`."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    return Embeddings(embeddings.queries[rows], embeddings.query_labels[rows], embeddings.gallery,
+                      embeddings.gallery_labels)
+
+
 METRIC_NAMES = {"map_all": "mAP@all"}
 
 
