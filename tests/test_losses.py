@@ -94,7 +94,7 @@ def test_ce_by_hand_and_views():
     expected = -(math.log(softmax(np.array([2.0, 0.0]))[0]) + math.log(softmax(np.array([0.0, 1.0]))[1])) / 2
     assert float(value) == pytest.approx(expected, abs=1e-6)
     with pytest.raises(LossConfigError, match="loss.ce.views"):
-        ClassificationLoss(views=["photo"])
+        ClassificationLoss(views=["drawing"])
 
 
 # ---------------------------------------------------------------------------- domain_grl

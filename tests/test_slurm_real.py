@@ -181,7 +181,7 @@ def test_a_failed_job_is_reported_and_does_not_stop_the_others(sweeps):
     assert rc == 1, output[-5000:]
     ok, failed = job_dirs(sweep_dir)
     assert metrics(ok)["steps"] == 16
-    assert "Invalid learning rate: -1" in (failed / "FAILED").read_text().splitlines()[0]
+    assert "optim.lr=-1: must be a finite number > 0" in (failed / "FAILED").read_text().splitlines()[0]
     assert f"1 job(s) of the sweep in {sweep_dir} failed (the others ran)" in output
     assert f"{failed.name}: " in output
 

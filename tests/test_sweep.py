@@ -60,7 +60,7 @@ def test_two_sweeps_at_once_own_folders_a_failed_job_does_not_stop_the_others_an
     failed = [job for job in jobs if (job / "FAILED").is_file()]
     assert len(finished) == 3 and len(failed) == 1
     assert failed[0].name.startswith("1_") and not (failed[0] / "metrics.json").exists()
-    assert "Invalid learning rate: -1" in (failed[0] / "FAILED").read_text().splitlines()[0]
+    assert "optim.lr=-1: must be a finite number > 0" in (failed[0] / "FAILED").read_text().splitlines()[0]
     job_log = (failed[0] / "train.log").read_text()
     assert "job failed" in job_log and "Traceback" in job_log
     assert f"1 job(s) of the sweep in {failed[0].parent} failed (the others ran)" in broken_out

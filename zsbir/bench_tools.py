@@ -76,6 +76,9 @@ def random_batch(trainer, batch_size: int, size: int) -> dict:
     n_photos = len(trainer.data.train_photo)
     batch["pos_index"] = torch.arange(batch_size, device=trainer.device) % n_photos
     batch["neg_index"] = (batch["pos_index"] + batch_size) % n_photos
+    # Two-stream batches (data.sampler=streams) label and index their photo stream separately.
+    batch["photo_label"] = batch["neg_label"]
+    batch["photo_index"] = batch["pos_index"]
     return batch
 
 

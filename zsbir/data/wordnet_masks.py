@@ -32,6 +32,7 @@ import argparse
 import io
 import json
 import os
+import pickle
 import re
 import sys
 from importlib import resources
@@ -84,6 +85,30 @@ _LEXNAMES = (
     "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
 ).split()
 
+
+
+# What a cid_mask pickle may contain: numpy arrays / scalars and plain Python containers.
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("collections", "OrderedDict"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a class-similarity mask holds only "
+                                     "numpy arrays and plain containers")
+
+
+def read_mask_pickle(path: Path):
+    """The content of a class-mask pickle, through the restricted unpickler (never plain pickle.load)."""
+    with Path(path).open("rb") as handle:
+        return _ArrayUnpickler(handle, encoding="latin1").load()
 
 class ClassMaskError(ZsbirError):
     """A class mask cannot be built or found (no WordNet, unknown split, class names that do not match)."""
@@ -242,7 +267,6 @@ def build_split(split_dir: Path, imagenet: list, wordnet, photo_list: str | None
 
 def table_from_pickle(split_dir: Path) -> dict:
     """SAKE's own cid_mask.pickle of a split folder as a mask table (for splits whose photo list is not public)."""
-    from zsbir.losses.distill import read_mask_pickle  # the restricted unpickler (numpy arrays and containers only)
 
     classes = read_class_ids(split_dir / "cname_cid.txt")
     rows = read_mask_pickle(split_dir / "cid_mask.pickle")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from zsbir.data.views import PHOTO_VIEWS
-from zsbir.data.wordnet_masks import ClassMaskError, load_table, packaged_mask
+from zsbir.data.wordnet_masks import ClassMaskError, load_table, packaged_mask, read_mask_pickle
 from zsbir.losses.base import LossConfigError, LossContext, LossTerm, check_views, gather_labelled
 from zsbir.models.auxiliary import TeacherLogits
 from zsbir.models.cse_resnet import IMAGENET_CLASSES, build_imagenet_teacher
@@ -42,30 +42,6 @@ log = logging.getLogger(__name__)
 
 # loss.distill.mask value for the masks rebuilt from WordNet that ship with the package
 PACKAGED_MASK = "wordnet"
-
-# What a cid_mask pickle may contain: numpy arrays / scalars and plain Python containers.
-_SAFE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
-    ("builtins", "frozenset"), ("collections", "OrderedDict"),
-}
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a class-similarity mask holds only "
-                                     "numpy arrays and plain containers")
-
-
-def read_mask_pickle(path: Path):
-    """The content of a class-mask pickle, through the restricted unpickler (never plain pickle.load)."""
-    with Path(path).open("rb") as handle:
-        return _ArrayUnpickler(handle, encoding="latin1").load()
-
 
 def load_class_mask(path: str | Path, num_classes: int) -> torch.Tensor:
     """SAKE's cid_mask as a (num_classes x 1000) float tensor; row y = seen class id y.
