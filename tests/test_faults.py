@@ -203,7 +203,7 @@ def test_validation_of_a_collapsed_model_warns(make_trainer):
 # ----------------------------------------------------------------------------- 6. run-directory lock first
 HOLD_LOCK = """
 import sys, time
-from zsbir.engine.checkpoint import RunDirectoryLock
+from zsbir.engine.rundir import RunDirectoryLock
 RunDirectoryLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
