@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from zsbir.choices import ENCODE_MODES
 from zsbir.config import validate_config
 from zsbir.data.datamodule import load_split, train_loader
 from zsbir.data.gpu_augment import GPUAugment
@@ -41,7 +42,7 @@ from zsbir.eval.evaluator import Evaluator
 from zsbir.eval.protocols import selected_protocols
 from zsbir.eval.retrieval import embedding_warnings
 from zsbir.losses.base import LossContext, build_loss_set
-from zsbir.models.encoder import DOMAIN_IDS, ENCODE_MODES, build_encoder
+from zsbir.models.encoder import DOMAIN_IDS, build_encoder
 from zsbir.tracking import build_tracker
 
 log = logging.getLogger("zsbir.train")

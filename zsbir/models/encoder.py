@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsbir.choices import ENCODE_MODES  # noqa: F401  (re-exported: model.encode)
 from zsbir.errors import ZsbirError
 
 DOMAINS = ("sketch", "photo")
