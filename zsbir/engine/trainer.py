@@ -23,6 +23,7 @@ from zsbir.choices import ENCODE_MODES
 from zsbir.config import validate_config
 from zsbir.data.datamodule import load_split, train_loader
 from zsbir.data.gpu_augment import GPUAugment
+from zsbir.data.iteration import batches
 from zsbir.data.pairs import LOADER_STREAM, item_seed
 from zsbir.data.views import domain_of
 from zsbir.engine import distributed as dist
@@ -408,16 +409,17 @@ class Trainer:
                             desc=f"epoch {self.epoch + 1}/{max_epochs}", dynamic_ncols=True, leave=False,
                             disable=not (self.is_main_process and self.cfg.trainer.progress_bar))
             self._call("on_epoch_start")
-            for batch in self.train_loader if self._epoch_unfinished() else ():
-                logs = self.train_step(batch)
-                self.step += 1
-                self.batch_in_epoch += 1
-                self.images_seen += sum(len(batch[v]) for v in self.views) * dist.world_size()  # the whole job's
-                self.unsaved_changes = True
-                self.bar.update(1)
-                self._call("on_step_end", logs)
-                if not self._epoch_unfinished():
-                    break  # before the loader reads a batch this epoch will not use
+            with batches(self.train_loader if self._epoch_unfinished() else ()) as epoch_batches:
+                for batch in epoch_batches:
+                    logs = self.train_step(batch)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self.images_seen += sum(len(batch[v]) for v in self.views) * dist.world_size()  # whole job's
+                    self.unsaved_changes = True
+                    self.bar.update(1)
+                    self._call("on_step_end", logs)
+                    if not self._epoch_unfinished():
+                        break  # before the loader reads a batch this epoch will not use
             self.bar.close()
             if self.batch_in_epoch >= self.steps_per_epoch:
                 self.epoch += 1

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from zsbir.data.iteration import batches
 from zsbir.engine import distributed as dist
 from zsbir.errors import ZsbirError
 from zsbir.eval.hashing import ITQ, hamming_retrieval_metrics
@@ -84,13 +85,14 @@ def embed(model, loader: DataLoader, domain: str, device: torch.device, amp_dtyp
     was_training = model.training
     model.eval()
     chunks, labels, indices = [], [], []
-    for images, batch_labels, batch_indices in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(images, domain)["embedding"]
-        chunks.append(out.float().cpu())
-        labels.append(torch.as_tensor(batch_labels))
-        indices.append(torch.as_tensor(batch_indices))
+    with batches(loader) as loaded:
+        for images, batch_labels, batch_indices in loaded:
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(images, domain)["embedding"]
+            chunks.append(out.float().cpu())
+            labels.append(torch.as_tensor(batch_labels))
+            indices.append(torch.as_tensor(batch_indices))
     model.train(was_training)
     embeddings, labels, indices = (torch.cat(t) if t else None for t in (chunks, labels, indices))
     if world == 1:

@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from zsbir.data.iteration import batches
+
 log = logging.getLogger("zsbir.search")
 
 
@@ -128,12 +130,14 @@ def embed_files(model: RunModel, paths: list[Path], batch_size: int, num_workers
     loader = DataLoader(_ImageFiles(paths, model.transforms["photo"]), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_keep_batch)
     vectors, kept, failed = [], [], []
-    for batch in tqdm(loader, desc="embedding photos", unit="batch", disable=not progress, leave=False):
-        good = [(i, t) for i, t, err in batch if err is None]
-        failed += [(i, err) for i, _, err in batch if err is not None]
-        if good:
-            vectors.append(embed_batch(model, torch.stack([t for _, t in good]), "photo"))
-            kept += [i for i, _ in good]
+    with batches(loader) as loaded:
+        for batch in tqdm(loaded, total=len(loader), desc="embedding photos", unit="batch", disable=not progress,
+                          leave=False):
+            good = [(i, t) for i, t, err in batch if err is None]
+            failed += [(i, err) for i, _, err in batch if err is not None]
+            if good:
+                vectors.append(embed_batch(model, torch.stack([t for _, t in good]), "photo"))
+                kept += [i for i, _ in good]
     dim = int(getattr(model.encoder, "embed_dim", 0))
     return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), kept, failed
 
