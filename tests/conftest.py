@@ -1,6 +1,7 @@
 """Test-wide settings: no network, offline W&B, one shared synthetic-benchmark cache."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -22,6 +23,20 @@ def zsbir_cache(tmp_path_factory) -> Path:
     cache = Path(os.environ.get("ZSBIR_TEST_CACHE") or tmp_path_factory.mktemp("zsbir_cache"))
     os.environ["ZSBIR_CACHE"] = str(cache)
     return cache
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_child_processes():
+    """A test must not leave worker processes behind (DataLoader workers ignore SIGTERM, so at exit
+    multiprocessing would wait for them forever: the suite would print its summary and never end).
+    Leftovers are killed and the test fails, naming them."""
+    before = set(multiprocessing.active_children())
+    yield
+    leaked = [p for p in multiprocessing.active_children() if p not in before]
+    for process in leaked:
+        process.kill()
+        process.join(10)
+    assert not leaked, f"the test left child processes running (killed now): {leaked}"
 
 
 @pytest.fixture
