@@ -34,6 +34,7 @@ def test_seed_and_run_dir_overrides_are_refused(tmp_path):
         main(["seeds", "seed=3", "--seeds", "0", "--out", str(tmp_path)])
 
 
+@pytest.mark.slow  # two training processes (~1 min on 2 cores)
 def test_runs_each_seed_in_its_own_process_and_reuses_finished_runs(tmp_path, capsys, zsbir_cache):
     out = tmp_path / "seeds"
     args = ["seeds", "debug=smoke", "eval.grids.queries=0", "--seeds", "0,1", "--out", str(out)]

@@ -93,7 +93,8 @@ def reference(tmp_path_factory, zsbir_cache) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+# Slow (~45 s): the SLURM tests (tests/test_slurm_real.py) check requeued runs equal uninterrupted ones in CI.
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_preempted_then_killed_run_resumes_to_exactly_the_uninterrupted_result(reference, tmp_path, zsbir_cache,
                                                                                 workers):
     """SIGTERM in epoch 1 (clean stop, exit 75), SIGKILL in epoch 2, then a run to the end.

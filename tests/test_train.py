@@ -14,27 +14,38 @@ SHORT = ["trainer.max_epochs=5", "trainer.val_every_epochs=5", "loss=[triplet,tr
          "trainer.progress_bar=false", "trainer.log_every=5"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, zsbir_cache):
+def _train(out, *overrides):
     from hydra import compose, initialize_config_dir
 
     from zsbir._paths import config_dir
 
-    out = tmp_path_factory.mktemp("train")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={out}", *SHORT])
-    result = run(cfg, str(out / "run"))
-    return out / "run", result
+        cfg = compose("train", overrides=[f"paths.output_dir={out}", *overrides])
+    return out / "run", run(cfg, str(out / "run"))
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, zsbir_cache):
+    """A short real training (~110 steps on the full synthetic benchmark): slow, learning only."""
+    return _train(tmp_path_factory.mktemp("train"), *SHORT)
+
+
+@pytest.fixture(scope="module")
+def smoke_trained(tmp_path_factory, zsbir_cache):
+    """A smoke-size run on the full synthetic test split: what a run directory holds."""
+    return _train(tmp_path_factory.mktemp("smoke"), "debug=smoke", "data.max_per_class=null",
+                  "trainer.log_every=1", "eval.grids.queries=2")
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores; README's main job and `zsbir.bench seeds` measure learning
 def test_short_training_beats_the_untrained_network(trained):
     _, result = trained
     before, after = result["test_before_training"]["map_all"], result["test"]["map_all"]
     assert after > before + 0.03, (before, after)
 
 
-def test_run_directory_holds_everything(trained):
-    run_dir, result = trained
+def test_run_directory_holds_everything(smoke_trained):
+    run_dir, result = smoke_trained
     for name in ("config.yaml", "run_info.json", "log.jsonl", "last.pt", "best.pt", "metrics.json", "results.txt"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
