@@ -234,8 +234,8 @@ def data_path(rec: Recorder, work: str, device: str, batch_size: int, image_size
     folder = ensure_image_cache(work, image_size, cache_workers, data_overrides)
     base = [*overrides, *data_overrides, f"data.batch_size={batch_size}", f"data.image_size={image_size}",
             f"trainer.device={device}"]
-    trainer = _build_trainer([*base, f"data.image_cache={folder}", "data.gpu_augment=true", f"data.augment={augment}",
-                              f"data.num_workers={num_workers}", "data.cache_images=false"])
+    trainer = _build_trainer([*base, f"data.preresized_folder={folder}", "data.gpu_augment=true", f"data.augment={augment}",
+                              f"data.num_workers={num_workers}", "data.keep_decoded_in_memory=false"])
     wanted, images, seconds, device_s = batches * batch_size * len(trainer.views), 0, 0.0, 0.0
     for epoch in range(MAX_LOADER_EPOCHS):  # an epoch of the synthetic benchmark has few batches at 192
         counted, epoch_s, epoch_device_s = _time_one_epoch(trainer, epoch, device, wanted - images)
