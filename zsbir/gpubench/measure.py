@@ -98,14 +98,9 @@ def weight_files(work: str, tiny: bool, vxl_image_size: int) -> dict[str, str]:
         _save(build_seresnet("legacy_seresnet50", None, tiny, num_classes=IMAGENET_CLASSES).state_dict(),
               files["seresnet"], torch)
     if not files["vxl_clip"].is_file():
-        import open_clip
+        from zsbir.models.clip_common import create_clip
 
-        from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
-
-        if tiny:
-            _register_tiny_config()
-        model = open_clip.create_model(TINY_ARCH if tiny else "ViT-B-16", pretrained=None, force_quick_gelu=True,
-                                       force_image_size=vxl_image_size)
+        model, _ = create_clip("ViT-B-16", None, vxl_image_size, tiny)
         _save(model.state_dict(), files["vxl_clip"], torch)
     return {name: str(path) for name, path in files.items()}
 
