@@ -51,7 +51,8 @@ def test_vxl_plain_scoring_keeps_the_patches_most_relevant_to_each_photos_class(
         features = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1)  # 3 x 16 x d
     chosen = [2, 13, 7]  # the patch whose feature becomes the text of photo i's class
     names = ["class_a", "class_b", "class_c"]
-    sampler._text[tuple(f"a photo of a class {c}" for c in "abc")] = torch.stack([features[i, p] for i, p in enumerate(chosen)])
+    texts = {f"a photo of a class {c}": features[i, p] for i, (c, p) in enumerate(zip("abc", chosen))}
+    sampler.encode_texts = lambda strings: torch.stack([texts[s] for s in strings])  # the text tower, replaced
     labels = torch.tensor([0, 1, 2])
     relevance = sampler.relevance(images, sampler.text_embeddings(names)[labels])
     assert torch.allclose(relevance[torch.arange(3), torch.tensor(chosen)], torch.ones(3), atol=1e-5)
