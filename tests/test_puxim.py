@@ -245,3 +245,16 @@ def test_smoke_run_evaluates_puxim_with_the_standard_evaluator(compose_cfg, tmp_
     state = load_checkpoint(run_dir / "last.pt")
     assert any(k.startswith("terms.puxim_match.head.") for k in state["losses"])
     assert not any("sampler" in k or "visual" in k for k in state["losses"])
+
+
+def test_both_puxim_terms_take_their_vxl_settings_from_one_file(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from zsbir._paths import config_dir
+
+    shared = OmegaConf.load(f"{config_dir()}/loss/vxl/clip_surgery.yaml")
+    alone = compose_cfg("model=puxim", "loss=[puxim_match]")  # without puxim_recon or the preset
+    both = compose_cfg("model=puxim", "loss=[puxim_recon,puxim_match]")
+    assert alone.loss.puxim_match.vxl == both.loss.puxim_recon.vxl == both.loss.puxim_match.vxl == shared
+    per_term = compose_cfg("model=puxim", "loss=[puxim_recon,puxim_match]", "loss.puxim_match.vxl.mask_ratio=0.5")
+    assert (per_term.loss.puxim_match.vxl.mask_ratio, per_term.loss.puxim_recon.vxl.mask_ratio) == (0.5, 0.7)
