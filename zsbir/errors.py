@@ -3,7 +3,8 @@
 Every user-fixable error derives from `ZsbirError`; the subclasses that live next to the
 code raising them are `CheckpointError` (zsbir.engine.checkpoint), `DatasetError`
 (zsbir.data.filelist), `NonFiniteLossError` and `PreemptedError` (zsbir.engine.trainer,
-zsbir.engine.preemption). The ones below are raised from several places.
+zsbir.engine.preemption). The ones below are raised from several places. `run_cli` and
+`exit_on_user_error` are the entry points' one way of turning them into a line and an exit status.
 """
 
 
