@@ -58,3 +58,52 @@ def shared_splits() -> Path:
     if not SHARED_SPLITS.is_dir():
         pytest.skip(f"the public split files are not available at {SHARED_SPLITS}")
     return SHARED_SPLITS
+
+
+class WandbCalls:
+    """The public `wandb.Run` calls of a test, in order, with the run they went to.
+
+    Recorded by the `wandb_calls` fixture, which wraps `Run.log`, `Run.define_metric` and
+    `Run.finish` and passes every call on to W&B (tests/test_tracking.py says why). At each
+    `finish` it also reads the run's `summary` and `config` (W&B's public views of what it
+    stored), since a finished run no longer serves them.
+    """
+
+    def __init__(self):
+        self.logged: list[tuple[str, dict]] = []  # (run id, data)
+        self.metrics: dict[str, dict] = {}  # metric name -> define_metric keyword arguments
+        self.finished: list[dict] = []  # {"id", "exit_code", "summary", "config"} per finish() call
+
+    def history(self, run_id: str | None = None) -> list[dict]:
+        return [data for rid, data in self.logged if run_id in (None, rid)]
+
+
+def _plain(value):
+    """W&B's summary / config views (nested mappings) as plain dicts."""
+    return {key: _plain(value[key]) for key in value.keys()} if hasattr(value, "keys") else value
+
+
+@pytest.fixture
+def wandb_calls(monkeypatch) -> WandbCalls:
+    import wandb
+
+    calls = WandbCalls()
+    log, define_metric, finish = wandb.Run.log, wandb.Run.define_metric, wandb.Run.finish
+
+    def spy_log(self, data, *args, **kwargs):
+        calls.logged.append((self.id, dict(data)))
+        return log(self, data, *args, **kwargs)
+
+    def spy_define_metric(self, name, *args, **kwargs):
+        calls.metrics[name] = kwargs
+        return define_metric(self, name, *args, **kwargs)
+
+    def spy_finish(self, exit_code=None, *args, **kwargs):
+        calls.finished.append({"id": self.id, "exit_code": exit_code, "summary": _plain(self.summary),
+                               "config": _plain(self.config)})
+        return finish(self, exit_code, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log", spy_log)
+    monkeypatch.setattr(wandb.Run, "define_metric", spy_define_metric)
+    monkeypatch.setattr(wandb.Run, "finish", spy_finish)
+    return calls

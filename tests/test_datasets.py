@@ -62,7 +62,7 @@ def test_config_names_documented_split_counts_and_metrics(compose_cfg, dataset):
     assert dict(data.counts) == DOCUMENTED[dataset]
     assert list(data.metrics) == PAPER_METRICS[dataset]
     assert dict(data.folders or {}) == folders
-    assert data.image_size == 224 and data.strict is True and data.cache_images is False
+    assert data.image_size == 224 and data.strict is True and data.keep_decoded_in_memory is False
 
 
 @pytest.mark.parametrize("dataset", list(DOCUMENTED))

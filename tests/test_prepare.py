@@ -95,14 +95,14 @@ def test_image_cache_gives_the_same_pixels_without_decoding(shared_splits, tmp_p
     root = build_tree(shared_splits, tmp_path / "data", "tuberlin")
     cfg = prepare_cfg(tmp_path, "tuberlin", tmp_path / "data", "cache=true", "cache_size=24", "data.image_size=24",
                       "workers=2")  # the parallel decode path
-    folder = Path(prepare(cfg)["image_cache"])
+    folder = Path(prepare(cfg)["preresized_folder"])
     assert folder == tmp_path / "cache" / "images" / "tuberlin-24px"
     sketches = np.load(folder / "sketch.npy", mmap_mode="r")
     assert sketches.dtype == np.uint8 and sketches.shape[1:] == (24, 24, 3)
     assert (sketches[:, :3] == 255).all()  # 20 x 14 sketches: white padding above the drawing
 
     decoded = load_split(cfg.data)
-    with_cache = prepare_cfg(tmp_path, "tuberlin", tmp_path / "data", "data.image_size=24", f"data.image_cache={folder}")
+    with_cache = prepare_cfg(tmp_path, "tuberlin", tmp_path / "data", "data.image_size=24", f"data.preresized_folder={folder}")
     cached = load_split(with_cache.data)
     assert cached.pixels is not None and decoded.pixels is None
     for key, domain in (("zero_sketch", "sketch"), ("zero_photo", "photo"), ("train_photo", "photo")):
@@ -119,17 +119,17 @@ def test_image_cache_gives_the_same_pixels_without_decoding(shared_splits, tmp_p
 def test_cache_that_lacks_listed_images_is_reported(shared_splits, tmp_path):
     build_tree(shared_splits, tmp_path / "data", "quickdraw")
     cfg = prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", "cache=true", "cache_size=16")
-    folder = prepare(cfg)["image_cache"]
+    folder = prepare(cfg)["preresized_folder"]
     zero = tmp_path / "data" / "QuickDraw" / "zeroshot" / "all_photo_zero.txt"
     zero.write_text(zero.read_text() + "images/bat/not_cached.jpg 0\n")
     with pytest.raises(DatasetError, match=r"1 listed image is absent from the image cache .*not_cached\.jpg.*cache=true"):
-        load_split(prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", f"data.image_cache={folder}").data)
-    lenient = prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", f"data.image_cache={folder}", "data.strict=false")
+        load_split(prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", f"data.preresized_folder={folder}").data)
+    lenient = prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", f"data.preresized_folder={folder}", "data.strict=false")
     assert len(load_split(lenient.data).zero_photo) == 60
 
 
 def test_missing_cache_folder_is_reported(shared_splits, tmp_path):
     build_tree(shared_splits, tmp_path / "data", "quickdraw")
     with pytest.raises(DatasetError, match=r"not an image cache .*prepare data=<name> cache=true"):
-        load_split(prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", f"data.image_cache={tmp_path / 'nope'}").data)
+        load_split(prepare_cfg(tmp_path, "quickdraw", tmp_path / "data", f"data.preresized_folder={tmp_path / 'nope'}").data)
 

@@ -51,7 +51,8 @@ def test_vxl_plain_scoring_keeps_the_patches_most_relevant_to_each_photos_class(
         features = torch.nn.functional.normalize(tokens @ visual.proj, dim=-1)  # 3 x 16 x d
     chosen = [2, 13, 7]  # the patch whose feature becomes the text of photo i's class
     names = ["class_a", "class_b", "class_c"]
-    sampler._text[tuple(f"a photo of a class {c}" for c in "abc")] = torch.stack([features[i, p] for i, p in enumerate(chosen)])
+    texts = {f"a photo of a class {c}": features[i, p] for i, (c, p) in enumerate(zip("abc", chosen))}
+    sampler.encode_texts = lambda strings: torch.stack([texts[s] for s in strings])  # the text tower, replaced
     labels = torch.tensor([0, 1, 2])
     relevance = sampler.relevance(images, sampler.text_embeddings(names)[labels])
     assert torch.allclose(relevance[torch.arange(3), torch.tensor(chosen)], torch.ones(3), atol=1e-5)
@@ -244,3 +245,16 @@ def test_smoke_run_evaluates_puxim_with_the_standard_evaluator(compose_cfg, tmp_
     state = load_checkpoint(run_dir / "last.pt")
     assert any(k.startswith("terms.puxim_match.head.") for k in state["losses"])
     assert not any("sampler" in k or "visual" in k for k in state["losses"])
+
+
+def test_both_puxim_terms_take_their_vxl_settings_from_one_file(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from zsbir._paths import config_dir
+
+    shared = OmegaConf.load(f"{config_dir()}/loss/vxl/clip_surgery.yaml")
+    alone = compose_cfg("model=puxim", "loss=[puxim_match]")  # without puxim_recon or the preset
+    both = compose_cfg("model=puxim", "loss=[puxim_recon,puxim_match]")
+    assert alone.loss.puxim_match.vxl == both.loss.puxim_recon.vxl == both.loss.puxim_match.vxl == shared
+    per_term = compose_cfg("model=puxim", "loss=[puxim_recon,puxim_match]", "loss.puxim_match.vxl.mask_ratio=0.5")
+    assert (per_term.loss.puxim_match.vxl.mask_ratio, per_term.loss.puxim_recon.vxl.mask_ratio) == (0.5, 0.7)

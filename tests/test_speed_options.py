@@ -114,6 +114,28 @@ def test_gpu_augment_without_a_recipe_equals_the_cpu_normalisation():
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
+def test_both_executors_run_the_one_recipe_description(monkeypatch):
+    """A recipe's parameters live in data/augment_recipes.py only: a change there reaches the PIL and the GPU path."""
+    from PIL import Image
+
+    from zsbir.data import augment_recipes
+    from zsbir.data.augment_recipes import Affine, Recipe
+
+    images = uint8_images()
+    pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images]
+    plain = torch.stack([build_transform("photo", 32, "imagenet", train=False)(p) for p in pil])
+
+    def both(recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        cpu = torch.stack([build_transform("photo", 32, "imagenet", recipe, train=True)(p) for p in pil])
+        return cpu, GPUAugment(recipe, "imagenet", seed=0)(images, "photo", 0, torch.arange(6), stream=0)
+
+    assert not any(torch.allclose(out, plain) for out in both("sake"))  # flip + affine (p = 0.7) move pixels
+    monkeypatch.setitem(augment_recipes.RECIPES, "sake", Recipe(affine=Affine(p=0.0)))  # an affine never applied
+    for out in both("sake"):
+        torch.testing.assert_close(out, plain, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("recipe", ["flip", "sake", "dsn", "clip"])
 def test_gpu_augment_is_seeded_per_sample(recipe):
     augment = GPUAugment(recipe, "imagenet", seed=7)

@@ -105,8 +105,7 @@ def test_sweep_end_exits_non_zero_and_lists_failed_jobs(tmp_path, capsys):
     assert "1_bad: ValueError: bad" in capsys.readouterr().err
 
 
-def test_a_failed_job_finishes_its_wandb_run_as_failed(compose_cfg, tmp_path, monkeypatch):
-    from test_tracking import finished_wandb_records, of_kind
+def test_a_failed_job_finishes_its_wandb_run_as_failed(compose_cfg, tmp_path, monkeypatch, wandb_calls):
     from zsbir.engine.trainer import Trainer
 
     def crash(self, batch):
@@ -119,7 +118,7 @@ def test_a_failed_job_finishes_its_wandb_run_as_failed(compose_cfg, tmp_path, mo
     import wandb
 
     assert wandb.run is None  # the next job of the sweep starts a fresh W&B run
-    assert [e.exit_code for e in of_kind(finished_wandb_records(tmp_path / "run", runs=1), "exit")] == [1]
+    assert [run["exit_code"] for run in wandb_calls.finished] == [1]
 
 
 def test_memory_is_released_between_jobs(monkeypatch):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from zsbir.errors import ZsbirError
+from zsbir.errors import ZsbirError, run_cli
 
 log = logging.getLogger("zsbir.app")
 
@@ -118,24 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=10, help="photos shown by default (the page has a slider)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
-    try:
-        from zsbir.search.__main__ import split_settings
-        from zsbir.search.build import find_index
-        from zsbir.search.model import load_run_model
+    return run_cli(lambda: serve(args), log)
 
-        settings, extra = split_settings(args.settings)
-        if extra:
-            raise AppError(f"unexpected arguments {extra}; the app takes run_dir=<run> [index=<name>] [ckpt=...] [device=...]")
-        if "run_dir" not in settings:
-            raise AppError("no run directory given: python -m zsbir.app run_dir=<run>")
-        import_gradio()
-        model = load_run_model(settings["run_dir"], settings.get("ckpt", "best"), settings.get("device", "cpu"))
-        store = find_index(model, settings.get("index"))
-        launch(build_app(model, store, args.top), store, args.host, args.port)
-    except ZsbirError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        return 1
-    return 0
+
+def serve(args: argparse.Namespace) -> None:
+    from zsbir.search.__main__ import split_settings
+    from zsbir.search.build import find_index
+    from zsbir.search.model import load_run_model
+
+    settings, extra = split_settings(args.settings)
+    if extra:
+        raise AppError(f"unexpected arguments {extra}; the app takes run_dir=<run> [index=<name>] [ckpt=...] [device=...]")
+    if "run_dir" not in settings:
+        raise AppError("no run directory given: python -m zsbir.app run_dir=<run>")
+    import_gradio()
+    model = load_run_model(settings["run_dir"], settings.get("ckpt", "best"), settings.get("device", "cpu"))
+    store = find_index(model, settings.get("index"))
+    launch(build_app(model, store, args.top), store, args.host, args.port)
 
 
 if __name__ == "__main__":

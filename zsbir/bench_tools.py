@@ -12,7 +12,9 @@ def _compose_train(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from zsbir._paths import config_dir
+    from zsbir.config import refuse_renamed_keys
 
+    refuse_renamed_keys(overrides)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("train", overrides=["trainer.progress_bar=false", "eval.before_training=false", *overrides])
 

@@ -13,9 +13,10 @@ constructor signature instead, so their schema is the code itself.
 """
 import dataclasses
 import difflib
-import importlib
 import inspect
+import logging
 import re
+import sys
 import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -176,14 +177,14 @@ class DataSchema:
     batch_size: int = option(minimum=2)  # BatchNorm and in-batch negatives need two items
     eval_batch_size: int = option(minimum=1)
     num_workers: int = option(minimum=0)
-    cache_images: bool = option(False)
+    keep_decoded_in_memory: bool = option(False)
     val_fraction: float = option(0.1, minimum=0, maximum=1)
     val_gallery_size: int = option(minimum=1)
     max_per_class: Optional[int] = option(None, minimum=1)
     balanced: Optional[BalancedSchema] = option(None)
     folders: Optional[Dict[str, str]] = option(None)  # list key -> image folder, for built train lists
     folder_extensions: Optional[List[str]] = option(None)
-    image_cache: Optional[str] = option(None)
+    preresized_folder: Optional[str] = option(None)
     gpu_augment: bool = option(False)  # augmentation and normalisation on the training device
     strict: bool = option(True)
     download: Optional[Dict[str, Any]] = option(None)
@@ -205,7 +206,36 @@ INSTANTIATED = {"model": ({"name", "encode"}, {"num_classes"}), "optim": ({"name
 FLOAT32_MAX = 3.4028234663852886e38
 LOSS_TERM_KEYS = ({"weight"}, set())
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+# Renamed keys: the old name, from the command line or a config file, is refused with the new one.
+RENAMED_KEYS = {
+    "data.cache_images": "data.keep_decoded_in_memory",  # keep decoded images in memory (small datasets)
+    "data.image_cache": "data.preresized_folder",  # folder of pre-resized uint8 arrays (prepare cache=true)
+}
 TOP_LEVEL = set(GROUP_SCHEMAS) | set(INSTANTIATED) | {"loss"} | {f.name for f in dataclasses.fields(RootSchema)}
+
+
+def refuse_renamed_keys(overrides: list[str]) -> None:
+    """ConfigError naming the new key when a command-line override (`key=`, `+key=`, `~key`) uses an old one.
+
+    Hydra would refuse the old key too, but in several lines that do not say what it became.
+    """
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        if key in RENAMED_KEYS:
+            raise ConfigError(_renamed(key))
+
+
+def refuse_renamed_keys_on_command_line() -> None:
+    """`refuse_renamed_keys(sys.argv[1:])` before a Hydra entry point starts: one line on stderr, exit 1."""
+    try:
+        refuse_renamed_keys(sys.argv[1:])
+    except ConfigError as err:
+        print(f"ConfigError: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _renamed(key: str) -> str:
+    return f"{key} was renamed to {RENAMED_KEYS[key]}: set {RENAMED_KEYS[key]}=<value> instead"
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -266,7 +296,8 @@ def check_fields(node: dict, schema: type, path: str, allow: set[str] = frozense
     """Problems of `node` against the dataclass `schema`; keys in `allow` are checked elsewhere."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
-    problems = [_unknown_key(key, path, set(fields) | allow) for key in node if key not in fields and key not in allow]
+    problems = [_renamed(f"{path}.{key}") if f"{path}.{key}" in RENAMED_KEYS else _unknown_key(key, path, set(fields) | allow)
+                for key in node if key not in fields and key not in allow]
     for name, spec in fields.items():
         key = f"{path}.{name}" if path else name
         if name not in node:
@@ -410,27 +441,21 @@ def _check_model_and_optim(model: Any, optim: Any) -> list[str]:
 
 
 def import_target(dotted: str) -> Any:
-    """The object a `_target_` names: the longest importable module prefix, then attributes."""
-    parts = dotted.split(".")
-    missing = None  # the longest prefix that is not a module: the likely typo
-    for cut in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:cut])
-        try:
-            found = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name and (module_name + ".").startswith(err.name + "."):
-                missing = missing or module_name
-                continue  # this prefix is not a module: try a shorter one
-            raise  # the module exists but one of its own imports is missing
-        try:
-            for attribute in parts[cut:]:
-                found = getattr(found, attribute)
-        except AttributeError:
-            if missing:
-                raise ImportError(f"no module named {missing!r}") from None
-            raise
-        return found
-    raise ImportError(f"no module named {missing or parts[0]!r}")
+    """The object a `_target_` names, found as `instantiate` will find it (hydra.utils.get_object).
+
+    A failure is an ImportError whose message is the underlying one (Hydra's own adds the
+    dotted path and a question on further lines; the config check reports one line).
+    """
+    from hydra.utils import get_object
+
+    hydra_utils_log = logging.getLogger("hydra.utils")
+    was_disabled, hydra_utils_log.disabled = hydra_utils_log.disabled, True  # it logs the failure we report
+    try:
+        return get_object(dotted)
+    except ImportError as err:
+        raise ImportError(str(err.__cause__ or err).splitlines()[0]) from None
+    finally:
+        hydra_utils_log.disabled = was_disabled
 
 
 def _show(value: Any) -> str:

@@ -3,11 +3,15 @@
 Every user-fixable error derives from `ZsbirError`; the subclasses that live next to the
 code raising them are `CheckpointError` (zsbir.engine.checkpoint), `DatasetError`
 (zsbir.data.filelist), `NonFiniteLossError` and `PreemptedError` (zsbir.engine.trainer,
-zsbir.engine.preemption). The ones below are raised from several places.
+zsbir.engine.preemption). The ones below are raised from several places. `run_cli` and
+`exit_on_user_error` are the entry points' one way of turning them into a line and an exit status.
 """
 
 
+import logging
 import re
+import sys
+from typing import Any, Callable
 
 
 class ZsbirError(RuntimeError):
@@ -42,3 +46,27 @@ class MissingWeightsError(ZsbirError, FileNotFoundError):
     Also a FileNotFoundError, so code that catches a missing `model.pretrained` file that way
     keeps working.
     """
+
+
+def run_cli(body: Callable[[], Any], log: logging.Logger) -> int:
+    """Run a command-line entry point's body; its exit status.
+
+    0 when `body` returns; a ZsbirError is logged as one line (`Name: message`, no traceback:
+    the message already names the fix) and gives its `exit_code`. Other exceptions propagate
+    with their traceback: they are bugs, not user errors.
+    """
+    try:
+        body()
+    except ZsbirError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        return err.exit_code
+    return 0
+
+
+def exit_on_user_error(body: Callable[[], Any], log: logging.Logger) -> Any:
+    """`run_cli` for a Hydra entry point, which returns a value: `body`'s result, or exit with the error's status."""
+    result = []
+    status = run_cli(lambda: result.append(body()), log)
+    if status:
+        sys.exit(status)
+    return result[0]

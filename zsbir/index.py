@@ -5,13 +5,13 @@ Options: configs/index.yaml; how it works: zsbir/search/build.py and docs/search
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from zsbir._paths import config_dir
-from zsbir.errors import ZsbirError
+from zsbir.config import refuse_renamed_keys_on_command_line
+from zsbir.errors import exit_on_user_error
 
 log = logging.getLogger("zsbir.index")
 
@@ -32,12 +32,9 @@ def run_index(cfg: DictConfig):
 
 @hydra.main(config_path=config_dir(), config_name="index", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run_index(cfg)
-    except ZsbirError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        sys.exit(1)
+    exit_on_user_error(lambda: run_index(cfg), log)
 
 
 if __name__ == "__main__":
+    refuse_renamed_keys_on_command_line()
     main()

@@ -192,6 +192,9 @@ class SweepFailureCallback(Callback):
 
 if __name__ == "__main__":
     try:
+        from zsbir.config import refuse_renamed_keys
+
+        refuse_renamed_keys(sys.argv[1:])
         sys.argv = [sys.argv[0], *worker_rank_overrides(sys.argv[1:])]
     except ZsbirError as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)

@@ -38,7 +38,7 @@ class SplitData:
     val_photo: FileList  # seen-class gallery for validation (a subset of train photos)
     zero_sketch: FileList  # unseen-class queries
     zero_photo: FileList  # unseen-class gallery
-    pixels: PreResizedImages | None = None  # the pre-resized image cache (data.image_cache), if any
+    pixels: PreResizedImages | None = None  # the pre-resized image cache (data.preresized_folder), if any
 
     def counts(self) -> dict[str, int]:
         return {
@@ -130,7 +130,7 @@ def drop_unavailable(lists: dict[str, FileList], root: Path, split: Path, data_c
     """Find listed images that a run could not read.
 
     Without an image cache: files that are missing, or recorded unreadable by `prepare
-    verify=true`. With `data.image_cache`: images absent from the cache (no file access).
+    verify=true`. With `data.preresized_folder`: images absent from the cache (no file access).
     `data.strict=true`: one DatasetError with how many, the first few paths and the fix.
     `data.strict=false`: drop them, with one warning per list giving the count.
     """
@@ -185,7 +185,7 @@ def load_split(data_cfg, seed: int = 0) -> SplitData:
     else:
         _check_counts(str(data_cfg.name), root, {"seen_classes": len(seen), "unseen_classes": len(unseen),
                                                  **{k: len(v) for k, v in lists.items()}}, data_cfg.get("counts"))
-    pixels = PreResizedImages(str(data_cfg.image_cache)) if data_cfg.get("image_cache") else None
+    pixels = PreResizedImages(str(data_cfg.preresized_folder)) if data_cfg.get("preresized_folder") else None
     lists = drop_unavailable(lists, root, split, data_cfg, pixels)
     train_sketch = lists["train_sketch"]
     rng = np.random.default_rng(seed)
@@ -260,12 +260,16 @@ def _generator(seed: int) -> torch.Generator:
     return g
 
 
+def _in_memory(data_cfg) -> bool:
+    return bool(data_cfg.get("keep_decoded_in_memory"))
+
+
 def train_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], seed: int,
                  rank: int = 0, world_size: int = 1) -> DataLoader:
     if str(data_cfg.get("sampler") or "triplets") == "streams":
         return stream_loader(data, data_cfg, norm, views, seed, rank, world_size)
     dataset = TripletDataset(data.root, data.train_sketch, data.train_photo, transforms_for(data_cfg, norm, train=True),
-                             views=views, seed=seed, cache_images=bool(data_cfg.get("cache_images")), pixels=data.pixels)
+                             views=views, seed=seed, keep_decoded_in_memory=_in_memory(data_cfg), pixels=data.pixels)
     balanced = data_cfg.get("balanced") or {}
     sampler = EpochBatchSampler(data.train_sketch.labels, int(data_cfg.batch_size), seed=seed, rank=rank,
                                 world_size=world_size, classes_per_batch=balanced.get("classes_per_batch"),
@@ -290,7 +294,7 @@ def stream_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], 
         raise DatasetError("data.sampler=streams needs data.stream_batch.sketch and data.stream_batch.photo "
                            "(images of each domain per step), e.g. data.stream_batch={sketch:13,photo:26}")
     dataset = StreamDataset(data.root, data.train_sketch, data.train_photo, transforms_for(data_cfg, norm, train=True),
-                            views=views, seed=seed, cache_images=bool(data_cfg.get("cache_images")), pixels=data.pixels)
+                            views=views, seed=seed, keep_decoded_in_memory=_in_memory(data_cfg), pixels=data.pixels)
     sampler = StreamBatchSampler(len(data.train_sketch), len(data.train_photo), int(sizes["sketch"]),
                                  int(sizes["photo"]), seed=seed, rank=rank, world_size=world_size)
     workers = int(data_cfg.num_workers)
@@ -301,7 +305,7 @@ def stream_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], 
 
 def eval_loader(data: SplitData, filelist: FileList, domain: str, data_cfg, norm: str) -> DataLoader:
     transform = build_transform(domain, int(data_cfg.image_size), norm, train=False)
-    dataset = ImageListDataset(data.root, filelist, transform, cache_images=bool(data_cfg.get("cache_images")),
+    dataset = ImageListDataset(data.root, filelist, transform, keep_decoded_in_memory=_in_memory(data_cfg),
                                domain=domain, pixels=data.pixels)
     workers = int(data_cfg.num_workers)
     return DataLoader(dataset, batch_size=int(data_cfg.eval_batch_size), shuffle=False, num_workers=workers,

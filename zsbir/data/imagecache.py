@@ -5,7 +5,7 @@ Decoding JPEG/PNG at 224 px is the training bottleneck on a fast GPU (datasets.m
 `<domain>.npy` of shape N x S x S x 3 (uint8) holding every image of the split's lists
 after the deterministic transform prefix (RGB, padded to a square - white for sketches,
 the photo's mean colour for photos - and resized to S; `transforms.square_resize_ops`).
-`index.json` names the row of every relative path. With `data.image_cache=<folder>` the
+`index.json` names the row of every relative path. With `data.preresized_folder=<folder>` the
 loaders read rows from the memory map instead of decoding files; the remaining
 transforms (resize to `data.image_size`, augmentation, normalisation) run on those pixels.
 
@@ -118,8 +118,8 @@ class PreResizedImages:
         index_path = self.folder / INDEX
         if not index_path.is_file():
             raise DatasetError(
-                f"data.image_cache={self.folder} is not an image cache (no {INDEX}). Build it with "
-                "`python -m zsbir.data.prepare data=<name> cache=true`, or set data.image_cache=null"
+                f"data.preresized_folder={self.folder} is not an image cache (no {INDEX}). Build it with "
+                "`python -m zsbir.data.prepare data=<name> cache=true`, or set data.preresized_folder=null"
             )
         index = json.loads(index_path.read_text())
         if index.get("format") != CACHE_FORMAT:

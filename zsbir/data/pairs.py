@@ -40,9 +40,11 @@ def load_image(root: Path, filelist: FileList, index: int) -> Image.Image:
 
 
 # Every item_seed stream, in one place so that no two users draw the same numbers:
-# 1..len(views): the CPU augmentation of each view of an item (TripletDataset).
+# 0: an item's positive and negative photo (TripletDataset);
+# 1..len(views): the CPU augmentation of each view of an item (TripletDataset, StreamDataset).
 SAMPLER_STREAM = 999  # the batch order of an epoch (EpochBatchSampler)
 LOADER_STREAM = 998  # the train DataLoader's generator (Trainer)
+TWO_STREAM_SAMPLER_STREAM = 997  # the permutations of two-stream batches (StreamBatchSampler, data/streams.py)
 GPU_AUGMENT_STREAMS = 1000  # + view number: GPU-side augmentation (zsbir/data/gpu_augment.py)
 
 
@@ -52,17 +54,17 @@ def item_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
 
 
 class ImageSource:
-    """Where images come from: the pre-resized cache when given (`data.image_cache`), else the
-    files, decoded ones kept in memory (per process) when `enabled` (small datasets only)."""
+    """Where images come from: the pre-resized uint8 arrays when given (`data.preresized_folder`), else
+    the files, decoded ones kept in memory (per process) with `keep_decoded_in_memory` (small datasets only)."""
 
-    def __init__(self, enabled: bool, pixels: PreResizedImages | None = None):
-        self.enabled, self.pixels = enabled, pixels
+    def __init__(self, keep_decoded_in_memory: bool, pixels: PreResizedImages | None = None):
+        self.keep_decoded_in_memory, self.pixels = keep_decoded_in_memory, pixels
         self.images: dict[tuple[str, int], Image.Image] = {}
 
     def get(self, root: Path, filelist: FileList, index: int, domain: str) -> Image.Image:
         if self.pixels is not None:
             return self.pixels.image(domain, filelist.paths[index])
-        if not self.enabled:
+        if not self.keep_decoded_in_memory:
             return load_image(root, filelist, index)
         key = (filelist.source, index)
         if key not in self.images:
@@ -73,12 +75,12 @@ class ImageSource:
 class ImageListDataset(Dataset):
     """One file list (a query or gallery set) for embedding: returns (image, label, index)."""
 
-    def __init__(self, root: Path, filelist: FileList, transform: Callable, cache_images: bool = False,
+    def __init__(self, root: Path, filelist: FileList, transform: Callable, keep_decoded_in_memory: bool = False,
                  domain: str | None = None, pixels: PreResizedImages | None = None):
         if pixels is not None and domain not in ("sketch", "photo"):
             raise ValueError(f"reading from an image cache needs domain='sketch' or 'photo', got {domain!r}")
         self.root, self.filelist, self.transform, self.domain = Path(root), filelist, transform, domain
-        self.cache = ImageSource(cache_images, pixels)
+        self.cache = ImageSource(keep_decoded_in_memory, pixels)
 
     def __len__(self) -> int:
         return len(self.filelist)
@@ -93,7 +95,7 @@ class TripletDataset(Dataset):
 
     def __init__(self, root: Path, sketches: FileList, photos: FileList, transforms: dict[str, Callable],
                  views: tuple[str, ...] = ("sketch", "photo_pos", "photo_neg"), seed: int = 0,
-                 cache_images: bool = False, pixels: PreResizedImages | None = None):
+                 keep_decoded_in_memory: bool = False, pixels: PreResizedImages | None = None):
         unknown = set(views) - set(TRIPLET_VIEWS)
         if unknown:
             hint = (" (views of two-stream batches: set data.sampler=streams)" if unknown <= set(STREAM_VIEWS) else "")
@@ -101,7 +103,7 @@ class TripletDataset(Dataset):
                              f"they have {list(TRIPLET_VIEWS)}")
         self.root, self.sketches, self.photos = Path(root), sketches, photos
         self.transforms, self.views, self.seed = transforms, tuple(views), seed
-        self.cache = ImageSource(cache_images, pixels)
+        self.cache = ImageSource(keep_decoded_in_memory, pixels)
         labels = np.asarray(photos.labels)
         self.photos_by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
         self.photo_classes = np.array(sorted(self.photos_by_class))

@@ -31,7 +31,7 @@ from zsbir.data.datamodule import (LIST_KEYS, UNREADABLE_RECORD, dataset_root, d
                                    split_folder)
 from zsbir.data.filelist import DatasetError, FileList
 from zsbir.data.imagecache import build_image_cache, decode_all
-from zsbir.errors import ZsbirError
+from zsbir.errors import run_cli
 
 log = logging.getLogger("zsbir.prepare")
 
@@ -40,7 +40,9 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
 
     from zsbir._paths import config_dir
+    from zsbir.config import refuse_renamed_keys
 
+    refuse_renamed_keys(overrides)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose(config_name="prepare", overrides=overrides)
 
@@ -160,8 +162,8 @@ def write_unreadable_record(split: Path, unreadable: list[str]) -> None:
 def image_cache_folder(cfg: DictConfig) -> Path:
     if cfg.get("cache_folder"):
         return Path(str(cfg.cache_folder)).expanduser()
-    if cfg.data.get("image_cache"):
-        return Path(str(cfg.data.image_cache)).expanduser()
+    if cfg.data.get("preresized_folder"):
+        return Path(str(cfg.data.preresized_folder)).expanduser()
     return Path(str(cfg.paths.cache_dir)).expanduser() / "images" / f"{cfg.data.name}-{int(cfg.cache_size)}px"
 
 
@@ -178,7 +180,7 @@ def prepare(cfg: DictConfig) -> dict:
         by_key = {key: (filelist, domain_of(key)) for key, filelist in lists.items()}
         unreadable = build_image_cache(root, by_key, folder, int(cfg.cache_size), int(cfg.workers))
         write_unreadable_record(split, [p for paths in unreadable.values() for p in paths])
-        result["image_cache"] = str(folder)
+        result["preresized_folder"] = str(folder)
     elif cfg.verify:
         unreadable = []
         for key, filelist in lists.items():
@@ -189,19 +191,14 @@ def prepare(cfg: DictConfig) -> dict:
     data = load_split(data_cfg, seed=int(cfg.seed))
     result["counts"] = data.counts()
     log.info("dataset '%s' at %s is ready: %s", data.name, root, result["counts"])
-    if "image_cache" in result:
-        log.info("image cache written; use it with: data.image_cache=%s", result["image_cache"])
+    if "preresized_folder" in result:
+        log.info("image cache written; use it with: data.preresized_folder=%s", result["preresized_folder"])
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    try:
-        prepare(compose(list(sys.argv[1:] if argv is None else argv)))
-    except ZsbirError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        return 1
-    return 0
+    return run_cli(lambda: prepare(compose(list(sys.argv[1:] if argv is None else argv))), log)
 
 
 if __name__ == "__main__":

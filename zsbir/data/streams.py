@@ -27,11 +27,10 @@ from torch.utils.data import Dataset, Sampler
 
 from zsbir.data.filelist import DatasetError, FileList
 from zsbir.data.imagecache import PreResizedImages
-from zsbir.data.pairs import ImageSource, item_seed
-from zsbir.data.views import STREAM_VIEWS, TRIPLET_VIEWS
+from zsbir.data.pairs import TWO_STREAM_SAMPLER_STREAM, ImageSource, item_seed
+from zsbir.data.views import STREAM_VIEWS, TRIPLET_VIEWS, VIEWS
 
 SKETCH, PHOTO = 0, 1
-STREAM_SEED = 997  # item_seed stream of the permutations (triplet batches use 999)
 
 
 def stream_views(views: tuple[str, ...]) -> tuple[str, ...]:
@@ -48,10 +47,11 @@ class StreamDataset(Dataset):
     """Seeded sketch and photo items; indexed by (epoch, SKETCH or PHOTO, index in that list)."""
 
     def __init__(self, root: Path, sketches: FileList, photos: FileList, transforms: dict[str, Callable],
-                 views: tuple[str, ...], seed: int = 0, cache_images: bool = False, pixels: PreResizedImages | None = None):
+                 views: tuple[str, ...], seed: int = 0, keep_decoded_in_memory: bool = False,
+                 pixels: PreResizedImages | None = None):
         self.root, self.lists = Path(root), {SKETCH: sketches, PHOTO: photos}
         self.transforms, self.views, self.seed = transforms, stream_views(tuple(views)), seed
-        self.cache = ImageSource(cache_images, pixels)
+        self.cache = ImageSource(keep_decoded_in_memory, pixels)
 
     def __len__(self) -> int:
         return len(self.lists[SKETCH]) + len(self.lists[PHOTO])
@@ -63,7 +63,7 @@ class StreamDataset(Dataset):
         image: Image.Image = self.cache.get(self.root, filelist, index, domain)
         item = {"domain": domain_id, "label": filelist.labels[index], "index": index}
         for view in self.views:
-            if not view.startswith(domain):
+            if VIEWS[view].domain != domain:
                 continue
             # Each view's randomness depends only on (seed, epoch, index, view); torch's global
             # generator is forked so the main process's stream is untouched.
@@ -116,7 +116,7 @@ class StreamBatchSampler(Sampler):
         return self.global_batches() // self.world_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        rng = np.random.default_rng(item_seed(self.seed, self.epoch, 0, stream=STREAM_SEED))
+        rng = np.random.default_rng(item_seed(self.seed, self.epoch, 0, stream=TWO_STREAM_SAMPLER_STREAM))
         orders = {d: rng.permutation(self.sizes[d]) for d in (SKETCH, PHOTO)}
         usable = self.batches_per_epoch() * self.world_size
         mine = list(range(self.rank, usable, self.world_size))

@@ -1,20 +1,14 @@
 """Image transforms: square padding (white for sketches), resizing, augmentation, normalisation.
 
-Augmentation recipes are named (`data.augment`), after the methods' papers
-(../shared/docs/methods.md):
-- `none`: resize only;
-- `flip`: horizontal flip;
-- `sake`: flip; random affine (scale 0.7-1.3, rotate +-30 deg, shift +-10 px at 224) with p = 0.7;
-- `dsn`: `sake` plus ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8 and grayscale with p = 0.2
-  (the two-view contrastive recipe of DSN);
-- `clip`: flip and a mild random resized crop (scale 0.8-1), as CLIP prompt learners use.
+Augmentation runs the recipe of `data.augment` (zsbir/data/augment_recipes.py, where the
+recipes are described) with torchvision ops on PIL images.
 """
 from __future__ import annotations
 
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from zsbir.choices import AUGMENT_RECIPES as RECIPES
+from zsbir.data.augment_recipes import augment_recipe
 from zsbir.models.encoder import NORMALIZATION
 
 WHITE = (255, 255, 255)
@@ -43,23 +37,22 @@ def _mean_colour(image: Image.Image) -> tuple[int, int, int]:
     return small.getpixel((0, 0))
 
 
-def _augmentations(recipe: str, size: int, domain: str) -> list:
-    if recipe not in RECIPES:
-        raise ValueError(f"data.augment must be one of {RECIPES}, got {recipe!r}")
-    affine_fill = WHITE if domain == "sketch" else (0, 0, 0)
+def _augmentations(name: str, size: int, domain: str) -> list:
+    recipe = augment_recipe(name)
     ops: list = []
-    if recipe in ("flip", "sake", "dsn", "clip"):
+    if recipe.flip:
         ops.append(T.RandomHorizontalFlip())
-    if recipe in ("sake", "dsn"):
-        shift = 10 / 224
-        ops.append(
-            T.RandomApply([T.RandomAffine(30, translate=(shift, shift), scale=(0.7, 1.3), fill=affine_fill)], p=0.7)
-        )
-    if recipe == "dsn":
-        ops.append(T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8))
-        ops.append(T.RandomGrayscale(p=0.2))
-    if recipe == "clip":
-        ops.append(T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1)))
+    if affine := recipe.affine:
+        fill = WHITE if domain == "sketch" else (0, 0, 0)
+        ops.append(T.RandomApply([T.RandomAffine(affine.degrees, translate=(affine.shift, affine.shift),
+                                                 scale=affine.scale, fill=fill)], p=affine.p))
+    if jitter := recipe.jitter:
+        ops.append(T.RandomApply([T.ColorJitter(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)],
+                                 p=jitter.p))
+    if recipe.grayscale_p:
+        ops.append(T.RandomGrayscale(p=recipe.grayscale_p))
+    if crop := recipe.crop:
+        ops.append(T.RandomResizedCrop(size, scale=crop.scale, ratio=crop.ratio))
     return ops
 
 

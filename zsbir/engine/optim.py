@@ -10,21 +10,20 @@ import inspect
 import math
 
 import torch
-from hydra.utils import get_class, instantiate
-from omegaconf import OmegaConf
+from hydra.utils import get_class
 
 from zsbir.choices import LR_SCHEDULES as SCHEDULES
+from zsbir.instantiate import build_from_config, plain_node
 
 
 def build_optimizer(optim_cfg, param_groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
     """The `optim` config's optimizer; `fused` selects the single-kernel implementation where it has one."""
     if not param_groups:
         raise ValueError("nothing to train: every parameter is frozen (check model.trainable)")
-    cfg = OmegaConf.to_container(optim_cfg, resolve=True)
-    cfg.pop("name", None)
+    cfg = plain_node(optim_cfg)
     if fused and "fused" in inspect.signature(get_class(cfg["_target_"])).parameters:
         cfg["fused"] = True
-    return instantiate(cfg, params=param_groups, _convert_="all")
+    return build_from_config(cfg, params=param_groups)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_lr_ratio: float, final_ratio: float) -> float:

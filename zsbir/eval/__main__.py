@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 
 import hydra
@@ -27,7 +26,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zsbir._paths import config_dir
-from zsbir.errors import ZsbirError
+from zsbir.config import refuse_renamed_keys_on_command_line
+from zsbir.errors import ZsbirError, exit_on_user_error
 from zsbir.eval.protocols import PROTOCOLS
 
 log = logging.getLogger("zsbir.eval")
@@ -215,13 +215,10 @@ def load_cached_embeddings(path: Path) -> dict | None:
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    try:
-        result = run_eval(cfg)
-    except ZsbirError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        sys.exit(1)
+    result = exit_on_user_error(lambda: run_eval(cfg), log)
     return float(result[PROTOCOLS[result["protocols"][0]].result_key]["map_all"])
 
 
 if __name__ == "__main__":
+    refuse_renamed_keys_on_command_line()
     main()

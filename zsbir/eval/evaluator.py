@@ -27,7 +27,7 @@ class Evaluator:
 
     `amp` is the autocast dtype of the embedding pass (None: fp32); metrics are always
     computed in float32. Loaders are built once per Evaluator and split, so images kept
-    in memory (data.cache_images) are decoded once, not at every evaluation.
+    in memory (data.keep_decoded_in_memory) are decoded once, not at every evaluation.
     """
 
     def __init__(self, data, data_cfg, eval_cfg, norm: str, device: torch.device, amp=None,

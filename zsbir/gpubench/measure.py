@@ -98,14 +98,9 @@ def weight_files(work: str, tiny: bool, vxl_image_size: int) -> dict[str, str]:
         _save(build_seresnet("legacy_seresnet50", None, tiny, num_classes=IMAGENET_CLASSES).state_dict(),
               files["seresnet"], torch)
     if not files["vxl_clip"].is_file():
-        import open_clip
+        from zsbir.models.clip_common import create_clip
 
-        from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
-
-        if tiny:
-            _register_tiny_config()
-        model = open_clip.create_model(TINY_ARCH if tiny else "ViT-B-16", pretrained=None, force_quick_gelu=True,
-                                       force_image_size=vxl_image_size)
+        model, _ = create_clip("ViT-B-16", None, vxl_image_size, tiny)
         _save(model.state_dict(), files["vxl_clip"], torch)
     return {name: str(path) for name, path in files.items()}
 
@@ -234,8 +229,8 @@ def data_path(rec: Recorder, work: str, device: str, batch_size: int, image_size
     folder = ensure_image_cache(work, image_size, cache_workers, data_overrides)
     base = [*overrides, *data_overrides, f"data.batch_size={batch_size}", f"data.image_size={image_size}",
             f"trainer.device={device}"]
-    trainer = _build_trainer([*base, f"data.image_cache={folder}", "data.gpu_augment=true", f"data.augment={augment}",
-                              f"data.num_workers={num_workers}", "data.cache_images=false"])
+    trainer = _build_trainer([*base, f"data.preresized_folder={folder}", "data.gpu_augment=true", f"data.augment={augment}",
+                              f"data.num_workers={num_workers}", "data.keep_decoded_in_memory=false"])
     wanted, images, seconds, device_s = batches * batch_size * len(trainer.views), 0, 0.0, 0.0
     for epoch in range(MAX_LOADER_EPOCHS):  # an epoch of the synthetic benchmark has few batches at 192
         counted, epoch_s, epoch_device_s = _time_one_epoch(trainer, epoch, device, wanted - images)

@@ -136,25 +136,14 @@ class LossSet(nn.Module):
 
 def build_loss_set(loss_cfg) -> LossSet:
     """Build the LossSet from the `loss` config group: `{term_name: {_target_, weight, ...}}`."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from zsbir.models.weights import MissingWeightsError
+    from zsbir.instantiate import build_from_config, plain_node
 
     terms, weights = {}, {}
     for name, node in (loss_cfg or {}).items():
-        cfg = OmegaConf.to_container(node, resolve=True)
+        cfg = plain_node(node, drop=())
         if "weight" not in cfg or "_target_" not in cfg:
             raise ValueError(f"loss term '{name}' needs `_target_` and `weight` in its config")
         weights[name] = float(cfg.pop("weight"))
-        if weights[name] == 0:
-            continue
-        try:
-            terms[name] = instantiate(cfg, _convert_="all")
-        except InstantiationException as error:
-            # our own messages (bad loss.* values, missing files or weights) say all there is to say
-            if isinstance(error.__cause__, (ZsbirError, MissingWeightsError, ValueError, FileNotFoundError)):
-                raise error.__cause__ from None
-            raise
+        if weights[name] != 0:
+            terms[name] = build_from_config(cfg, drop=())
     return LossSet(terms, weights)

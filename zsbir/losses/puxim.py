@@ -20,6 +20,7 @@ step for both terms; they read its `masked_tokens` / `masked_keep_index` outputs
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -47,8 +48,8 @@ class PurifiedPhotosTerm(LossTerm):
     def __init__(self, vxl: dict | None = None, cache_masks: bool = True, data_augment: str = "none",
                  tiny: bool = False):
         super().__init__()
-        defaults = {"arch": "ViT-B-16", "pretrained": "openai", "image_size": 224, "mask_ratio": 0.7,
-                    "text_template": "{}", "scoring": "surgery", "surgery_blocks": 6, "redundant_text": "a"}
+        # the sampler's own defaults (the settings of loss/vxl/clip_surgery.yaml) for keys a config leaves out
+        defaults = {name: p.default for name, p in inspect.signature(VxLSampler).parameters.items() if name != "tiny"}
         settings = {**defaults, **(vxl or {})}
         unknown = set(settings) - set(defaults)
         if unknown:
@@ -96,6 +97,12 @@ class PurifiedPhotosTerm(LossTerm):
             )
         self.sampler.check_grid(encoder.patch_grid)
 
+    def check_token_width(self, encoder, key: str, width: int) -> None:
+        """`loss.<term>.<key>` (the token width the term's head was built for) must be the encoder's."""
+        if getattr(encoder, "width", width) != width:
+            raise LossConfigError(f"loss.{self.name}.{key}={width} but the encoder's tokens are "
+                                  f"{encoder.width}-d; set loss.{self.name}.{key}={encoder.width}")
+
     def on_train_start(self, ctx: LossContext, class_names: list[str]) -> None:
         self.check_encoder(ctx.encoder)
 
@@ -142,9 +149,7 @@ class PurifiedReconstructionLoss(PurifiedPhotosTerm):
 
     def check_encoder(self, encoder) -> None:
         super().check_encoder(encoder)
-        if getattr(encoder, "width", self.encoder_width) != self.encoder_width:
-            raise LossConfigError(f"loss.puxim_recon.encoder_width={self.encoder_width} but the encoder's tokens are "
-                                  f"{encoder.width}-d; set loss.puxim_recon.encoder_width={encoder.width}")
+        self.check_token_width(encoder, "encoder_width", self.encoder_width)
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
         grid = ctx.encoder.patch_grid
@@ -194,9 +199,7 @@ class PurifiedMatchingLoss(PurifiedPhotosTerm):
 
     def check_encoder(self, encoder) -> None:
         super().check_encoder(encoder)
-        if getattr(encoder, "width", self.d_model) != self.d_model:
-            raise LossConfigError(f"loss.puxim_match.d_model={self.d_model} but the encoder's tokens are "
-                                  f"{encoder.width}-d; set loss.puxim_match.d_model={encoder.width}")
+        self.check_token_width(encoder, "d_model", self.d_model)
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
         sketch = outputs["sketch"].need("tokens", self.name)

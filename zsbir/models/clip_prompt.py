@@ -21,26 +21,17 @@ The text tower and logit_scale are always frozen.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from zsbir.models.clip_common import TextEmbeddings, class_texts, create_clip
 from zsbir.models.encoder import Encoder, EncoderOutput
-from zsbir.models.weights import check_tiny_pretrained, open_clip_checkpoint
 
-TINY_ARCH = "zsbir-tiny-clip"  # configs/ next to this file: width 64, 2 layers, patch 8
 TRAINABLE = ("prompts", "prompts_ln", "full")
 PROMPT_DEPTHS = ("shallow", "deep")
-
-
-def _register_tiny_config() -> None:
-    import open_clip
-
-    if TINY_ARCH not in open_clip.list_models():
-        open_clip.add_model_config(Path(__file__).parent / "clip_configs" / f"{TINY_ARCH}.json")
 
 
 class CLIPPromptEncoder(Encoder):
@@ -62,22 +53,12 @@ class CLIPPromptEncoder(Encoder):
         num_classes: int = 0,  # unused: CLIP classifies through text_embeddings(class_names)
     ):
         super().__init__()
-        import open_clip
-
         if trainable not in TRAINABLE:
             raise ValueError(f"model.trainable must be one of {TRAINABLE}, got {trainable!r}")
         if prompt_depth not in PROMPT_DEPTHS:
             raise ValueError(f"model.prompt_depth must be one of {PROMPT_DEPTHS}, got {prompt_depth!r}")
-        kwargs: dict[str, Any] = {}
-        if tiny:
-            check_tiny_pretrained(pretrained)
-            _register_tiny_config()
-            arch, kwargs = TINY_ARCH, {"embed_dim": embed_dim}
-        checkpoint = open_clip_checkpoint(arch, pretrained)
-        self.clip = open_clip.create_model(
-            arch, pretrained=checkpoint, force_quick_gelu=True, force_image_size=image_size, **kwargs
-        )
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.clip, self.tokenizer = create_clip(arch, pretrained, image_size, tiny,
+                                                **({"embed_dim": embed_dim} if tiny else {}))
         visual = self.clip.visual
         if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != "tok":
             raise ValueError(f"{arch}: only CLS-token ViT image towers are supported")
@@ -101,7 +82,7 @@ class CLIPPromptEncoder(Encoder):
         elif trainable == "prompts_ln":
             for module in self.layer_norms():
                 module.requires_grad_(True)
-        self._text_cache: dict[tuple, torch.Tensor] = {}
+        self._text = TextEmbeddings(self.clip, self.tokenizer)
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -155,13 +136,4 @@ class CLIPPromptEncoder(Encoder):
 
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings (len(class_names) x embed_dim) of the frozen text tower."""
-        key = (tuple(class_names), self.text_template)
-        reference = self.clip.logit_scale  # follows the module's .to(device / dtype)
-        cached = self._text_cache.get(key)
-        if cached is None:
-            names = [name.replace("_", " ").replace("-", " ") for name in class_names]
-            texts = [self.text_template.format(name) for name in names]
-            with torch.no_grad():
-                cached = self.clip.encode_text(self.tokenizer(texts).to(reference.device), normalize=True)
-        self._text_cache[key] = cached = cached.to(device=reference.device, dtype=reference.dtype)
-        return cached
+        return self._text(class_texts(self.text_template, class_names))

@@ -146,22 +146,10 @@ class Encoder(nn.Module):
 
 def build_encoder(model_cfg, num_seen_classes: int) -> Encoder:
     """Instantiate `model_cfg` (a Hydra `_target_` node) for a dataset with this many seen classes."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from zsbir.instantiate import build_from_config
 
-    from zsbir.models.weights import MissingWeightsError
-
-    cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    cfg.pop("name", None)  # the preset's label, not a constructor argument
-    cfg.pop("encode", None)  # read by the trainer (joint | per_domain encoding of a step's views)
-    try:
-        encoder = instantiate(cfg, num_classes=num_seen_classes, _convert_="all")
-    except InstantiationException as error:
-        # our own messages (missing weights, bad model.* values) say all there is to say
-        if isinstance(error.__cause__, (MissingWeightsError, ValueError, FileNotFoundError)):
-            raise error.__cause__ from None
-        raise
+    # `name` is the preset's label; `encode` is read by the trainer (joint | per_domain encoding of a step's views)
+    encoder = build_from_config(model_cfg, drop=("name", "encode"), num_classes=num_seen_classes)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"model config {model_cfg.get('_target_')} did not build a zsbir Encoder")
     return encoder

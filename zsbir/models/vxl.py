@@ -32,9 +32,8 @@ from typing import Hashable
 import torch
 
 from zsbir.errors import ZsbirError
+from zsbir.models.clip_common import TextEmbeddings, class_texts, create_clip
 from zsbir.models.clip_surgery import SURGERY_DEPTH, feature_surgery, surgery_tokens
-from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
-from zsbir.models.weights import check_tiny_pretrained, open_clip_checkpoint
 
 
 class VxLConfigError(ZsbirError):
@@ -59,8 +58,6 @@ class VxLSampler:
     def __init__(self, arch: str = "ViT-B-16", pretrained: str | None = "openai", image_size: int = 224,
                  mask_ratio: float = 0.7, text_template: str = "{}", tiny: bool = False, scoring: str = "surgery",
                  surgery_blocks: int = SURGERY_DEPTH, redundant_text: str = "a"):
-        import open_clip
-
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise VxLConfigError(f"vxl.mask_ratio must be in [0, 1) (the fraction of patches masked), got {mask_ratio}")
         if scoring not in SCORINGS:
@@ -70,17 +67,12 @@ class VxLSampler:
             raise VxLConfigError(f"vxl.surgery_blocks must be at least 1 (the official CS-ViT-B/16 uses "
                                  f"{SURGERY_DEPTH}; scoring=plain turns the surgery off), got {surgery_blocks}")
         self.scoring, self.surgery_blocks, self.redundant_text = scoring, int(surgery_blocks), redundant_text
-        if tiny:
-            check_tiny_pretrained(pretrained, "vxl.pretrained", VxLConfigError)
-            _register_tiny_config()
-            arch = TINY_ARCH
-        elif pretrained is None:
+        if pretrained is None and not tiny:
             raise VxLConfigError("vxl.pretrained is null: a random CLIP scores patches at random. Set it to 'openai' "
                                  "or a local open_clip ViT-B-16 weights file")
         self.mask_ratio = float(mask_ratio)
         self.text_template = text_template
-        self.model = open_clip.create_model(arch, pretrained=open_clip_checkpoint(arch, pretrained),
-                                            force_quick_gelu=True, force_image_size=image_size)
+        self.model, tokenizer = create_clip(arch, pretrained, image_size, tiny, "vxl.pretrained", VxLConfigError)
         self.model.eval().requires_grad_(False)
         visual = self.model.visual
         if visual.attn_pool is not None or visual.final_ln_after_pool or visual.proj is None:
@@ -90,10 +82,9 @@ class VxLSampler:
             raise VxLConfigError(f"vxl.arch={arch}: CLIP Surgery needs blocks with a packed q/k/v projection "
                                  "(open_clip's standard ViT, e.g. ViT-B-16); use vxl.scoring=plain for this model")
         visual.output_tokens = True
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.encode_texts = TextEmbeddings(self.model, tokenizer)  # L2-normalised embeddings of strings, cached
         self.grid = tuple(int(n) for n in visual.grid_size)
         self._visual = visual  # or its torch.compile'd version (trainer.compile)
-        self._text: dict[tuple[str, ...], torch.Tensor] = {}
 
     def compile(self, backend: str) -> None:
         if self._visual is self.model.visual:  # the sampler is shared: compile once
@@ -110,17 +101,9 @@ class VxLSampler:
     def _device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    @torch.no_grad()
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        """L2-normalised text embeddings of the given strings, as they are (cached)."""
-        key = tuple(texts)
-        if key not in self._text:
-            self._text[key] = self.model.encode_text(self.tokenizer(list(texts)).to(self._device()), normalize=True)
-        return self._text[key]
-
     def text_embeddings(self, class_names: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings of the template filled with each class name."""
-        return self.encode_texts([self.text_template.format(n.replace("_", " ").replace("-", " ")) for n in class_names])
+        return self.encode_texts(class_texts(self.text_template, class_names))
 
     @torch.no_grad()
     def relevance(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from zsbir.errors import ZsbirError
+from zsbir.errors import ZsbirError, run_cli
 
 log = logging.getLogger("zsbir.search")
 
@@ -92,36 +92,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class", dest="query_class", help="the sketch's class, to frame the grid's photos green/red")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
-    try:
-        settings, sketches = split_settings(args.args)
-        if "run_dir" not in settings:
-            raise SearchUsageError("no run directory given: python -m zsbir.search run_dir=<run> <sketch.png>")
-        if not sketches:
-            raise SearchUsageError("no sketch given: python -m zsbir.search run_dir=<run> <sketch.png>")
-        if args.top < 1:
-            raise SearchUsageError(f"--top {args.top}: ask for at least 1 photo")
-        from zsbir.search.build import find_index
-        from zsbir.search.model import load_run_model
+    return run_cli(lambda: search(args), log)
 
-        images = [read_sketch(s) for s in sketches]
-        model = load_run_model(settings["run_dir"], settings.get("ckpt", "best"), settings.get("device", "cpu"))
-        store = find_index(model, settings.get("index"))
-        report = []
-        for n, (path, image) in enumerate(zip(sketches, images)):
-            results, timing = search_sketch(model, store, image, args.top)
-            entry = {"sketch": path, "index": str(store.folder), "results": results, "timing_ms": timing}
-            if args.grid:
-                out = args.grid if len(sketches) == 1 else args.grid.with_name(f"{args.grid.stem}-{n}{args.grid.suffix}")
-                entry["grid"] = str(write_grid(image, results, out, f"query: {Path(path).name}", args.query_class))
-            report.append(entry)
-            if not args.json:
-                print(format_results(path, store, results, timing))
-        if args.json:
-            print(json.dumps(report if len(report) > 1 else report[0], indent=1))
-    except ZsbirError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        return 1
-    return 0
+
+def search(args: argparse.Namespace) -> None:
+    """Search the run's index for each sketch; print a table or JSON, write grids when asked."""
+    settings, sketches = split_settings(args.args)
+    if "run_dir" not in settings:
+        raise SearchUsageError("no run directory given: python -m zsbir.search run_dir=<run> <sketch.png>")
+    if not sketches:
+        raise SearchUsageError("no sketch given: python -m zsbir.search run_dir=<run> <sketch.png>")
+    if args.top < 1:
+        raise SearchUsageError(f"--top {args.top}: ask for at least 1 photo")
+    from zsbir.search.build import find_index
+    from zsbir.search.model import load_run_model
+
+    images = [read_sketch(s) for s in sketches]
+    model = load_run_model(settings["run_dir"], settings.get("ckpt", "best"), settings.get("device", "cpu"))
+    store = find_index(model, settings.get("index"))
+    report = []
+    for n, (path, image) in enumerate(zip(sketches, images)):
+        results, timing = search_sketch(model, store, image, args.top)
+        entry = {"sketch": path, "index": str(store.folder), "results": results, "timing_ms": timing}
+        if args.grid:
+            out = args.grid if len(sketches) == 1 else args.grid.with_name(f"{args.grid.stem}-{n}{args.grid.suffix}")
+            entry["grid"] = str(write_grid(image, results, out, f"query: {Path(path).name}", args.query_class))
+        report.append(entry)
+        if not args.json:
+            print(format_results(path, store, results, timing))
+    if args.json:
+        print(json.dumps(report if len(report) > 1 else report[0], indent=1))
 
 
 if __name__ == "__main__":
