@@ -110,13 +110,10 @@ def _save(state: dict, path) -> str:
 
 
 def test_open_clip_tower_loads_from_a_local_file(tmp_path):
-    import open_clip
+    from zsbir.models.clip_prompt import create_clip
 
-    from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
-
-    _register_tiny_config()
     torch.manual_seed(1)
-    reference = open_clip.create_model(TINY_ARCH, force_image_size=32).eval()
+    reference = create_clip("ViT-B-32-quickgelu", None, 32, tiny=True)[0].eval()
     path = _save(reference.state_dict(), tmp_path / "clip.safetensors")
     torch.manual_seed(2)  # a different random init: only the file can make the outputs equal
     encoder = FrozenEncoder("open_clip", "ViT-B-32-quickgelu", path, norm="clip", image_size=32, tiny=True)

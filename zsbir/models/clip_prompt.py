@@ -43,6 +43,20 @@ def _register_tiny_config() -> None:
         open_clip.add_model_config(Path(__file__).parent / "clip_configs" / f"{TINY_ARCH}.json")
 
 
+def create_clip(arch: str, pretrained: str | None, image_size: int, tiny: bool = False, **kwargs: Any):
+    """(open_clip model, its tokenizer) with QuickGELU (OpenAI's weights were trained with it) at
+    `image_size`; `tiny`: the small random TINY_ARCH instead (debug=smoke). `pretrained`: a tag or a file."""
+    import open_clip
+
+    if tiny:
+        check_tiny_pretrained(pretrained)
+        _register_tiny_config()
+        arch = TINY_ARCH
+    model = open_clip.create_model(arch, pretrained=open_clip_checkpoint(arch, pretrained), force_quick_gelu=True,
+                                   force_image_size=image_size, **kwargs)
+    return model, open_clip.get_tokenizer(arch)
+
+
 class CLIPPromptEncoder(Encoder):
     def __init__(
         self,
@@ -62,22 +76,12 @@ class CLIPPromptEncoder(Encoder):
         num_classes: int = 0,  # unused: CLIP classifies through text_embeddings(class_names)
     ):
         super().__init__()
-        import open_clip
-
         if trainable not in TRAINABLE:
             raise ValueError(f"model.trainable must be one of {TRAINABLE}, got {trainable!r}")
         if prompt_depth not in PROMPT_DEPTHS:
             raise ValueError(f"model.prompt_depth must be one of {PROMPT_DEPTHS}, got {prompt_depth!r}")
-        kwargs: dict[str, Any] = {}
-        if tiny:
-            check_tiny_pretrained(pretrained)
-            _register_tiny_config()
-            arch, kwargs = TINY_ARCH, {"embed_dim": embed_dim}
-        checkpoint = open_clip_checkpoint(arch, pretrained)
-        self.clip = open_clip.create_model(
-            arch, pretrained=checkpoint, force_quick_gelu=True, force_image_size=image_size, **kwargs
-        )
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.clip, self.tokenizer = create_clip(arch, pretrained, image_size, tiny,
+                                                **({"embed_dim": embed_dim} if tiny else {}))
         visual = self.clip.visual
         if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != "tok":
             raise ValueError(f"{arch}: only CLS-token ViT image towers are supported")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zsbir.models.clip_prompt import create_clip
 from zsbir.models.encoder import NORMALIZATION, Encoder, EncoderOutput
-from zsbir.models.weights import check_tiny_pretrained, create_timm_model, local_weights_path, open_clip_checkpoint
+from zsbir.models.weights import check_tiny_pretrained, create_timm_model, local_weights_path
 
 LIBRARIES = ("open_clip", "timm")
 # debug=smoke: a tiny DINOv2-style ViT (same class and token pooling; 2 blocks of width 64, patch 8 for 32 px inputs)
@@ -87,15 +88,8 @@ class FrozenEncoder(Encoder):
 
     @staticmethod
     def _open_clip_tower(arch: str, pretrained: str | None, image_size: int, tiny: bool) -> nn.Module:
-        import open_clip
-
-        from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
-
-        if tiny:
-            _register_tiny_config()
-            arch = TINY_ARCH
-        model = open_clip.create_model(arch, pretrained=open_clip_checkpoint(arch, pretrained),
-                                       force_image_size=image_size)
+        # QuickGELU is forced as for every CLIP here; SigLIP's image tower is a timm model it does not touch
+        model, _ = create_clip(arch, pretrained, image_size, tiny)
         return model.visual  # encode_image(x) == visual(x): the projected, not normalised, image embedding
 
     @staticmethod

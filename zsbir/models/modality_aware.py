@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zsbir.models.clip_prompt import create_clip
 from zsbir.models.encoder import Encoder, EncoderOutput
-from zsbir.models.weights import check_tiny_pretrained, open_clip_checkpoint
 
 # The official modality indices (the m1 / m2 columns of its annotation CSVs).
 MODALITY_IDS = {"photo": 0, "sketch": 1, "text": 3}
@@ -48,26 +48,16 @@ class ModalityAwareCLIP(Encoder):
         num_classes: int = 0,  # unused: classes enter through their text
     ):
         super().__init__()
-        import open_clip
-
-        from zsbir.models.clip_prompt import TINY_ARCH, _register_tiny_config
-
         if retrieval not in RETRIEVAL:
             raise ValueError(f"model.retrieval must be one of {RETRIEVAL}, got {retrieval!r}")
         if n_modes <= max(MODALITY_IDS.values()):
             raise ValueError(f"model.n_modes={n_modes}: must exceed the text modality's index {MODALITY_IDS['text']}")
-        kwargs: dict[str, Any] = {}
-        if tiny:
-            check_tiny_pretrained(pretrained)
-            _register_tiny_config()
-            arch, kwargs = TINY_ARCH, {"embed_dim": embed_dim}
-        self.clip = open_clip.create_model(arch, pretrained=open_clip_checkpoint(arch, pretrained),
-                                           force_quick_gelu=True, force_image_size=image_size, **kwargs)
+        self.clip, self.tokenizer = create_clip(arch, pretrained, image_size, tiny,
+                                                **({"embed_dim": embed_dim} if tiny else {}))
         if self.clip.visual.output_dim != embed_dim:
             raise ValueError(f"model.embed_dim={embed_dim} but {arch} outputs {self.clip.visual.output_dim}-d embeddings")
         with torch.no_grad():  # the official code replaces CLIP's temperature (log 100) by this value
             self.clip.logit_scale.fill_(float(logit_scale_init))
-        self.tokenizer = open_clip.get_tokenizer(arch)
         self.mode_embedding = nn.Parameter(torch.randn(n_modes, embed_dim) * mode_init_std)  # nn.Embedding's N(0, 1)
         self.embed_dim, self.norm, self.clip_lr = embed_dim, norm, clip_lr
         self.text_template, self.retrieval = text_template, retrieval
