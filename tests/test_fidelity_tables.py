@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 METHODS_DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
-PRESETS = ("dann", "sake", "dsn", "sketch_lvm", "puxim")
+PRESETS = ("dann", "sake", "dsn", "sketch_lvm", "puxim", "ma_zs_sbir")
 DATASETS = ("sketchy", "sketchy_split2", "tuberlin", "quickdraw")
 # every table names these settings (first column, by prefix) ...
 REQUIRED_ROWS = ("architecture", "encoder calls per step", "trainable set", "loss:", "optimiser", "learning rate",

@@ -44,7 +44,7 @@ class TrainerSchema:
     device: str = option(pattern=(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:<index>"))
     precision: str = option(choices=("bf16", "fp16", "fp32"))
     max_epochs: int = option(minimum=1)
-    max_steps: Optional[int] = option(None, minimum=1)
+    max_steps: Optional[int] = option(None, minimum=0)  # 0: evaluate the network as built, no training
     limit_train_batches: Optional[int] = option(None, minimum=1)
     grad_clip: Optional[float] = option(minimum=0)
     log_every: int = option(minimum=1)
@@ -257,7 +257,8 @@ def validate_config(cfg: DictConfig) -> None:
         problems += _check_group(values, group, lambda node, g=group, s=schema: check_fields(node, s, g))
     for group, (reserved, injected) in INSTANTIATED.items():
         problems += _check_group(values, group, lambda node, g=group, r=reserved, i=injected: check_target(node, g, r, i))
-    problems += _check_loss(values.get("loss"))
+    evaluation_only = (values.get("trainer") or {}).get("max_steps") == 0  # a run without training needs no loss
+    problems += [] if evaluation_only and not values.get("loss") else _check_loss(values.get("loss"))
     problems += _check_across_groups(values)
     if problems:
         listing = "; ".join(problems)
@@ -365,7 +366,8 @@ def check_target(node: dict, path: str, reserved: set[str], injected: set[str]) 
 
 def _check_loss(loss: Any) -> list[str]:
     if not loss:
-        return ["the loss set is empty: select at least one term, e.g. loss=[triplet]"]
+        return ["the loss set is empty: select at least one term, e.g. loss=[triplet] (or trainer.max_steps=0 to "
+                "evaluate without training)"]
     if not isinstance(loss, dict):
         return [f"loss={loss!r}: expected a mapping of term name -> {{_target_, weight, ...}}"]
     reserved, injected = LOSS_TERM_KEYS

@@ -140,6 +140,12 @@ class Trainer:
         self.data = load_split(cfg.data, seed=int(cfg.seed))
         self.encoder = build_encoder(cfg.model, len(self.data.seen_classes)).to(self.device)
         self.encode_mode = str(cfg.model.get("encode") or "joint")
+        # trainer.max_steps=0: evaluate the network as built (a frozen pretrained encoder, or an
+        # untrained one) and write metrics.json; no loss, optimiser, loader or checkpoint is made.
+        self.evaluation_only = tcfg.get("max_steps") is not None and int(tcfg.max_steps) == 0
+        if self.evaluation_only:
+            self._init_evaluation_only()
+            return
         self._apply_model_options()
         self.loss_set = build_loss_set(cfg.loss).to(self.device)
         self.views = self.loss_set.views
@@ -151,9 +157,14 @@ class Trainer:
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if tcfg.get("limit_train_batches"):
             self.steps_per_epoch = min(self.steps_per_epoch, int(tcfg.limit_train_batches))
-        self.total_steps = int(tcfg.max_steps) if tcfg.get("max_steps") else int(tcfg.max_epochs) * self.steps_per_epoch
+        self.total_steps = (int(tcfg.max_steps) if tcfg.get("max_steps") is not None
+                            else int(tcfg.max_epochs) * self.steps_per_epoch)
         lr = float(cfg.optim.lr)
         groups = self.encoder.param_groups(lr) + self.loss_set.param_groups(lr)
+        if not groups:
+            raise ConfigError(f"model {cfg.model.get('name', '?')} has no trainable parameters and the losses have "
+                              "none either, so there is nothing to train: set trainer.max_steps=0 to evaluate it "
+                              "without training (experiment=frozen does)")
         self.optimizer = build_optimizer(cfg.optim, groups,
                                          fused=bool(tcfg.get("fused_optimizer")) and self.device.type == "cuda")
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.total_steps)
@@ -191,6 +202,23 @@ class Trainer:
         self.train_module = self._wrap_for_training()
         self.tracker = (build_tracker(cfg.get("logger"), cfg, self.run_dir, self.resume_state.get("tracker"))
                         if self.is_main_process else None)
+        self.preemption = PreemptionHandler()
+
+    def _init_evaluation_only(self) -> None:
+        """The state an evaluation-only run (trainer.max_steps=0) needs: no loss set, loader or optimiser."""
+        found = [name for name in ("last.pt", "best.pt") if (self.run_dir / name).is_file()]
+        if found:  # never leave another run's checkpoints beside this run's metrics.json
+            raise ConfigError(f"trainer.max_steps=0 evaluates the network as built, but {self.run_dir} holds a "
+                              f"training checkpoint ({', '.join(found)}): evaluate it with `python -m zsbir.eval "
+                              f"run_dir={self.run_dir}`, or use a new run directory (hydra.run.dir=...)")
+        self.step = self.epoch = self.batch_in_epoch = self.total_steps = self.steps_per_epoch = 0
+        self.best_metric, self.best_step = None, -1
+        self.metrics_before, self.nonfinite_steps, self.warnings = None, 0, []
+        self.wall_time_before, self._t_fit = 0.0, time.monotonic()
+        self.evaluator = Evaluator(self.data, self.cfg.data, self.cfg.eval, self.encoder.norm, self.device,
+                                   self.eval_amp)
+        self.resume_state = {}
+        self.tracker = build_tracker(self.cfg.get("logger"), self.cfg, self.run_dir, {}) if self.is_main_process else None
         self.preemption = PreemptionHandler()
 
     # ------------------------------------------------------------------ speed options
@@ -383,7 +411,7 @@ class Trainer:
             remove_stale_temporaries(self.run_dir)
         try:
             with self.preemption:
-                return self._fit()
+                return self._evaluate_only() if self.evaluation_only else self._fit()
         finally:
             if lock:
                 lock.release()
@@ -428,6 +456,23 @@ class Trainer:
         self._call("on_train_end")
         return self._finish()
 
+    def _evaluate_only(self) -> dict:
+        """trainer.max_steps=0: one evaluation of the network as built; it is both the "before" and the final row.
+
+        Writes run_info.json, config.yaml and metrics.json (results.txt, grids); no last.pt / best.pt,
+        since there is no training state to resume or select.
+        """
+        self._t_fit = time.monotonic()
+        if self.is_main_process:
+            write_run_info(self.run_dir)
+            write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        total, trainable = self.encoder.num_parameters()
+        log.info("run directory: %s", self.run_dir)
+        log.info("data: %s %s", self.data.name, self.data.counts())
+        log.info("model: %s, parameters: %d total, %d trainable; trainer.max_steps=0: evaluation only, no training",
+                 self.cfg.model.get("name", "?"), total, trainable)
+        return self._finish()
+
     def _call(self, hook: str, *args) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
@@ -437,13 +482,18 @@ class Trainer:
 
     def _finish(self) -> dict:
         """Test best.pt on the test split; write metrics.json, results.txt and the retrieval grids."""
-        dist.barrier()  # rank 0 has finished writing best.pt before any rank reads it
-        best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
-        self.encoder.load_state_dict(best["model"])
+        if not self.evaluation_only:
+            dist.barrier()  # rank 0 has finished writing best.pt before any rank reads it
+            best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
+            self.encoder.load_state_dict(best["model"])
         protocols = selected_protocols(self.cfg.eval, require_zs=True)
         results = self.evaluator.evaluate_protocols(self.encoder, protocols)
         test, embeddings = results["zs"]
-        self.warnings += embedding_warnings(embeddings, f"unseen-class test (best.pt, step {self.best_step})")
+        evaluated = ("network as built (trainer.max_steps=0, no training)" if self.evaluation_only
+                     else f"trained (best.pt, step {self.best_step})")
+        self.warnings += embedding_warnings(embeddings, f"unseen-class test ({evaluated})")
+        if self.evaluation_only:  # no step ran: the untrained network is the one just evaluated
+            self.metrics_before = dict(test)
         drawn = self.evaluator.grids_protocol(protocols)
         grids = (self.evaluator.for_protocol(drawn).write_grids(results[drawn][1], self.run_dir / "grids")
                  if self.is_main_process and drawn else [])
@@ -463,6 +513,7 @@ class Trainer:
             "n_queries": test["n_queries"],
             "n_gallery": test["n_gallery"],
             "best_val": {"metric": str(self.cfg.trainer.select_metric), "value": self.best_metric, "step": self.best_step},
+            "evaluation_only": self.evaluation_only,
             "steps": self.step,
             "epochs": self.epoch,
             "nonfinite_steps": self.nonfinite_steps,
@@ -474,7 +525,9 @@ class Trainer:
             "warnings": self.warnings,
         }
         untrained = {"untrained network": self.metrics_before} if self.metrics_before else {}
-        table = self.evaluator.tables(results, f"trained (best.pt, step {self.best_step})", untrained)
+        if self.evaluation_only:
+            untrained = {}  # the same evaluation: one row
+        table = self.evaluator.tables(results, evaluated, untrained)
         if self.is_main_process:
             self.evaluator.write_results(self.run_dir, "metrics.json", result, table)
             log.info("\n%s\nqueries: %d, gallery: %d; wall time %.1f s; run directory %s", table, result["n_queries"],
