@@ -40,6 +40,7 @@ from zsbir.engine.seed import rng_state, seed_everything, set_rng_state
 from zsbir.errors import ConfigError, ZsbirError
 from zsbir.eval.evaluator import Evaluator
 from zsbir.eval.protocols import selected_protocols
+from zsbir.eval.rerank import RESULT_KEY, check_pair_model, evaluate_rerank, rerank_settings, rerank_table
 from zsbir.eval.retrieval import embedding_warnings
 from zsbir.losses.base import LossContext, build_loss_set
 from zsbir.models.encoder import DOMAIN_IDS, build_encoder
@@ -139,6 +140,9 @@ class Trainer:
         self.data = load_split(cfg.data, seed=int(cfg.seed))
         self.encoder = build_encoder(cfg.model, len(self.data.seen_classes)).to(self.device)
         self.encode_mode = str(cfg.model.get("encode") or "joint")
+        self.rerank = rerank_settings(cfg.eval)  # relation-network test mode (eval.rerank), checked before training
+        if self.rerank:
+            check_pair_model(self.encoder)
         self._apply_model_options()
         self.loss_set = build_loss_set(cfg.loss).to(self.device)
         self.views = self.loss_set.views
@@ -472,7 +476,11 @@ class Trainer:
             "warnings": self.warnings,
         }
         untrained = {"untrained network": self.metrics_before} if self.metrics_before else {}
-        table = self.evaluator.tables(results, f"trained (best.pt, step {self.best_step})", untrained)
+        label = f"trained (best.pt, step {self.best_step})"
+        table = self.evaluator.tables(results, label, untrained)
+        if self.rerank:  # relation-network mode, beside the retrieval-mode metrics
+            result[RESULT_KEY] = evaluate_rerank(self.evaluator, self.encoder, embeddings, self.rerank)
+            table += "\n\n" + rerank_table(self.evaluator, label, result[RESULT_KEY])
         if self.is_main_process:
             self.evaluator.write_results(self.run_dir, "metrics.json", result, table)
             log.info("\n%s\nqueries: %d, gallery: %d; wall time %.1f s; run directory %s", table, result["n_queries"],
