@@ -93,6 +93,8 @@ class PairScorer:
         self.queries, self.gallery = query_seqs, gallery_seqs
         self.pair_batch = int(pair_batch)
         self.pairs_scored = 0
+        self.total_pairs: int | None = None  # for the progress log, when known
+        self._last_log = time.perf_counter()
 
     @torch.no_grad()
     def __call__(self, query_rows: torch.Tensor, gallery_rows: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,10 @@ class PairScorer:
             out[start:start + len(q)] = logits.double().cpu()
         self.encoder.train(was_training)
         self.pairs_scored += len(query_rows)
+        if time.perf_counter() - self._last_log > 60:  # exhaustive mode runs for hours: say how far it is
+            self._last_log = time.perf_counter()
+            log.info("eval.rerank: %d%s pairs scored", self.pairs_scored,
+                     f" of {self.total_pairs}" if self.total_pairs else "")
         return out
 
 
@@ -148,6 +154,8 @@ def rerank_metrics(encoder, embeddings, query_seqs: torch.Tensor, gallery_seqs: 
     top_n = int(settings.get("top_n", 100))
     if mode == "top_n" and top_n < 1:
         raise RerankError(f"eval.rerank.top_n must be >= 1, got {top_n}")
+    per_query = len(gallery_seqs) if mode == "exhaustive" else min(top_n, len(gallery_seqs))
+    scorer.total_pairs = len(query_seqs) * per_query
 
     def scores_fn(query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> torch.Tensor:
         rows = query_ids[:, 0].long().cpu()
