@@ -25,14 +25,15 @@ from zsbir.models.zse import ZSEEncoder
 DATASETS = ("sketchy", "sketchy_split2", "tuberlin", "quickdraw")
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: all threads) of fn()."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def human(seconds: float) -> str:
@@ -59,17 +60,24 @@ def main() -> None:
     scorer = PairScorer(model, sketches, photos, device, args.pair_batch)
     rows = torch.randint(0, 8, (args.pairs,))
     scorer(rows[:args.pair_batch], rows[:args.pair_batch])  # warm-up
-    pair_s = timed(lambda: scorer(rows, rows.flip(0)), device) / args.pairs
+    pair_wall, pair_cpu = (t / args.pairs for t in timed(lambda: scorer(rows, rows.flip(0)), device))
     images = torch.randn(args.images, 3, 224, 224, device=device)
     with torch.no_grad():
         model(images[:2], "photo")  # warm-up
-        image_s = timed(lambda: [model(batch, "photo") for batch in images.split(16)], device) / args.images
-
+        image_wall, image_cpu = (t / args.images for t in
+                                 timed(lambda: [model(batch, "photo") for batch in images.split(16)], device))
+    # A loaded machine stretches the wall time; the CPU time (all threads) / threads is the
+    # wall time the same work takes when the threads have their cores to themselves.
     threads = torch.get_num_threads()
+    pair_s, image_s = (pair_wall, image_wall) if device.type == "cuda" else (pair_cpu / threads, image_cpu / threads)
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device {device}, {threads} threads, load average {load:.2f} at start; fp32; pair batch {args.pair_batch}")
-    print(f"pair network: {1000 * pair_s:.1f} s per 1,000 pairs ({args.pairs} pairs timed); "
-          f"encoder: {1000 * image_s:.1f} ms per image ({args.images} images timed)\n")
+    print(f"device {device}, {threads} threads, load average {load:.2f} at the end; fp32; pair batch {args.pair_batch}")
+    print(f"pair network: {pair_wall * 1000:.1f} s wall, {pair_cpu * 1000:.1f} CPU-s per 1,000 pairs "
+          f"({args.pairs} pairs timed); encoder: {image_wall * 1000:.0f} ms wall, {image_cpu * 1000:.0f} CPU-ms "
+          f"per image ({args.images} images timed)")
+    print(f"extrapolated with {pair_s * 1000:.1f} s per 1,000 pairs and {image_s * 1000:.0f} ms per image "
+          f"({'wall' if device.type == 'cuda' else f'CPU time / {threads} threads'}):\n")
     print(f"| benchmark | queries | gallery | exhaustive pairs | exhaustive | top-{args.top_n} pairs | top-{args.top_n} |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     data_dir = Path(__file__).resolve().parents[1] / "configs" / "data"
