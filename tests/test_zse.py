@@ -71,6 +71,41 @@ def test_bad_model_settings_are_clear_errors():
         ZSEEncoder(pretrained=None, image_size=24, tiny=True)  # 3 x 3 patches
 
 
+def test_loss_terms_match_hand_computed_values():
+    from zsbir.losses.base import LossContext
+    from zsbir.losses.zse import PairTripletLoss, RelationLoss
+
+    def out(**tensors):
+        from zsbir.models.encoder import EncoderOutput
+
+        return EncoderOutput(embedding=torch.zeros(2, 2), **tensors)
+
+    outputs = {
+        "sketch": out(),
+        "photo_pos": out(pair_sketch_cls=torch.tensor([[0.0, 0.0], [1.0, 0.0]]),
+                         pair_photo_cls=torch.tensor([[3.0, 4.0], [1.0, 0.0]]), relation_logit=torch.tensor([0.0, 2.0])),
+        "photo_neg": out(pair_photo_cls=torch.tensor([[0.0, 1.0], [1.0, 3.0]]), relation_logit=torch.tensor([-1.0, 0.0])),
+    }
+    triplet = PairTripletLoss(margin=1.0)({}, outputs, LossContext())
+    # pair 1: d+ = 5, d- = 1 -> 5; pair 2: d+ = 0, d- = 3 -> 0; mean 2.5 (eps of the L2 aside)
+    assert float(triplet) == pytest.approx(2.5, abs=1e-5)
+    relation = RelationLoss()({}, outputs, LossContext())
+    sig = torch.sigmoid
+    expected = ((sig(torch.tensor(0.0)) - 0.99) ** 2 + (sig(torch.tensor(2.0)) - 0.99) ** 2
+                + (sig(torch.tensor(-1.0)) - 0.01) ** 2 + (sig(torch.tensor(0.0)) - 0.01) ** 2) / 4
+    assert float(relation) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_zse_losses_refuse_a_model_without_the_pair_network():
+    from zsbir.losses.base import LossConfigError, LossContext
+    from zsbir.losses.zse import RelationLoss
+    from zsbir.models.puxim import PuXIMEncoder
+
+    ctx = LossContext(encoder=PuXIMEncoder(pretrained=None, image_size=32, tiny=True))
+    with pytest.raises(LossConfigError, match="model=zse_sbir"):
+        RelationLoss().on_train_start(ctx, ["a", "b"])
+
+
 # ----------------------------------------------------------------------------- eval.rerank
 
 def rerank_inputs(n_queries=7, n_gallery=11):
@@ -113,6 +148,23 @@ def test_exhaustive_reranking_equals_top_n_with_n_the_gallery_size():
         assert top[key] == pytest.approx(full[key], abs=1e-12)
     assert full["pairs_scored"] == top["pairs_scored"] == len(queries) * n_gallery
     assert (full["mode"], top["mode"], top["top_n"]) == ("exhaustive", "top_n", n_gallery)
+
+
+def test_exhaustive_mode_scores_at_most_pair_batch_pairs_per_call():
+    from zsbir.eval.rerank import rerank_metrics
+
+    model, embeddings, queries, gallery = rerank_inputs()
+    sizes = []
+    relation_logits = model.relation_logits
+
+    def recording(sketches, photos):
+        sizes.append(len(sketches))
+        return relation_logits(sketches, photos)
+
+    model.relation_logits = recording
+    metrics = rerank_metrics(model, embeddings, queries, gallery, eval_cfg(chunk_size=None), torch.device("cpu"),
+                             {"mode": "exhaustive", "pair_batch": 4})
+    assert max(sizes) == 4 and sum(sizes) == metrics["pairs_scored"] == len(queries) * len(gallery)
 
 
 def test_top_n_reorders_only_the_shortlist():
