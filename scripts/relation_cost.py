@@ -8,6 +8,7 @@ configs/data/*.yaml): exhaustive mode (every query x photo pair, the paper's pro
 and top-N mode. Prints a Markdown table (docs/benchmarks.md).
 
     python scripts/relation_cost.py [--pairs 256] [--pair-batch 32] [--images 32] [--top-n 100] [--device cpu]
+                                   [--threads N]
 """
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="images timed through the encoder")
     parser.add_argument("--top-n", type=int, default=100)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = ZSEEncoder(pretrained=None, image_size=224).to(device).eval()
