@@ -184,6 +184,21 @@ def test_top_n_reorders_only_the_shortlist():
         assert bool((logits[:-1] >= logits[1:]).all())  # shortlist by descending relation logit
 
 
+def test_token_store_on_disk_equals_in_memory(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from zsbir.eval.rerank import token_sequences
+
+    model = tiny_model()
+    images = torch.randn(5, 3, 32, 32)
+    loader = DataLoader(TensorDataset(images, torch.zeros(5), torch.arange(5)), batch_size=2)
+    in_ram = token_sequences(model, loader, "photo", torch.device("cpu"), dtype=torch.float32)
+    on_disk = token_sequences(model, loader, "photo", torch.device("cpu"), dtype=torch.float32, store_dir=tmp_path)
+    assert (tmp_path / "photo.npy").is_file() and torch.equal(on_disk, in_ram)
+    with torch.no_grad():
+        torch.testing.assert_close(in_ram, model(images, "photo")["sequence"])  # batches of 2 vs 5: rounding
+
+
 def test_rerank_needs_a_pair_model_and_valid_settings():
     from omegaconf import OmegaConf
 
@@ -193,6 +208,8 @@ def test_rerank_needs_a_pair_model_and_valid_settings():
     assert rerank_settings(OmegaConf.create({"rerank": {"mode": None}})) is None
     with pytest.raises(RerankError, match="eval.rerank.mode='all'"):
         rerank_settings(OmegaConf.create({"rerank": {"mode": "all"}}))
+    with pytest.raises(RerankError, match="NumPy has no bf16"):
+        rerank_settings(OmegaConf.create({"rerank": {"mode": "top_n", "token_dtype": "bf16"}}))
     with pytest.raises(RerankError, match="model=zse_sbir"):
         check_pair_model(PuXIMEncoder(pretrained=None, image_size=32, tiny=True))
 

@@ -105,6 +105,8 @@ class RerankSchema:  # relation-network evaluation (zsbir/eval/rerank.py)
     top_n: int = option(100, minimum=1)
     pair_batch: int = option(128, minimum=1)
     token_dtype: str = option("fp16", choices=("fp32", "fp16", "bf16"))
+    token_store: str = option("disk", choices=("disk", "memory"))
+    token_dir: Optional[str] = option(None)
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,9 @@ which has to run once per (query, photo) PAIR; its metrics go under `test_rerank
   `top_n` = gallery size it ranks exactly as `exhaustive` (tests/test_zse.py).
 
 Memory is bounded by design: the image token sequences are computed once per item and kept
-on the CPU in `token_dtype`; pairs are scored `pair_batch` at a time on the device; the
+in `token_dtype`, in a memory-mapped file in a temporary folder (`token_store: disk`, under
+`token_dir` or the system's temporary directory; deleted afterwards) or in RAM
+(`memory`); pairs are scored `pair_batch` at a time on the device; the
 metric engine (zsbir/eval/metrics.py) asks for one chunk of queries' score rows at a time
 (`scores_fn`), so no n_queries x n_gallery matrix is ever built.
 
@@ -24,8 +26,12 @@ over the whole re-ordered list (docs/metrics.md, "Re-ranked metrics").
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 
 RESULT_KEY = "test_rerank"  # metrics.json / eval_metrics.json key of the re-ranked metrics
 TOKEN_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}  # token_store=disk (NumPy has no bf16)
+TOKEN_STORES = ("disk", "memory")
 
 
 class RerankError(ZsbirError):
@@ -55,6 +63,13 @@ def rerank_settings(eval_cfg) -> dict | None:
     if str(settings.get("token_dtype", "fp16")) not in TOKEN_DTYPES:
         raise RerankError(f"eval.rerank.token_dtype={settings.get('token_dtype')!r}: must be one of "
                           f"{'|'.join(TOKEN_DTYPES)}")
+    if str(settings.get("token_store", "disk")) not in TOKEN_STORES:
+        raise RerankError(f"eval.rerank.token_store={settings.get('token_store')!r}: must be one of "
+                          f"{'|'.join(TOKEN_STORES)}")
+    if settings.get("token_store", "disk") == "disk" and TOKEN_DTYPES[str(settings.get("token_dtype", "fp16"))] \
+            not in NUMPY_DTYPES:
+        raise RerankError("eval.rerank.token_store=disk keeps fp16 or fp32 tokens (NumPy has no bf16): set "
+                          "eval.rerank.token_dtype=fp16, or eval.rerank.token_store=memory")
     return settings
 
 
@@ -66,20 +81,33 @@ def check_pair_model(encoder) -> None:
 
 @torch.no_grad()
 def token_sequences(encoder, loader, domain: str, device: torch.device, amp=None,
-                    dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """(n x tokens x width) "sequence" outputs of every item of `loader`, in list order, on the CPU."""
+                    dtype: torch.dtype = torch.float16, store_dir: str | Path | None = None) -> torch.Tensor:
+    """(n x tokens x width) "sequence" outputs of every item of `loader`, in list order, on the CPU.
+
+    With `store_dir` they are written to a memory-mapped .npy file there (RAM stays bounded:
+    the OS pages it in as pairs are scored), else kept in RAM.
+    """
     was_training = encoder.training
     encoder.eval()
-    parts = []
+    store, row = None, 0
     for images, _, _ in loader:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = encoder(images.to(device, non_blocking=True), domain)
         if "sequence" not in out:
             raise RerankError(f"eval.rerank needs the encoder output 'sequence' (CLS + patch tokens); "
                               f"{type(encoder).__name__} gives only {sorted(out)}")
-        parts.append(out["sequence"].to("cpu", dtype))
+        part = out["sequence"].to("cpu", dtype)
+        if store is None:
+            shape = (len(loader.dataset), *part.shape[1:])
+            store = (torch.from_numpy(np.lib.format.open_memmap(Path(store_dir) / f"{domain}.npy", mode="w+",
+                                                                dtype=NUMPY_DTYPES[dtype], shape=shape))
+                     if store_dir is not None else torch.empty(shape, dtype=dtype))
+        store[row:row + len(part)] = part
+        row += len(part)
     encoder.train(was_training)
-    return torch.cat(parts)
+    if store is None or row != len(store):
+        raise RerankError(f"eval.rerank: the {domain} loader gave {row} items, its list has {len(loader.dataset)}")
+    return store
 
 
 class PairScorer:
@@ -187,16 +215,21 @@ def evaluate_rerank(evaluator, encoder, embeddings, settings: dict) -> dict:
     dtype = TOKEN_DTYPES[str(settings.get("token_dtype", "fp16"))]
     task = evaluator.task("test")
     query_loader, gallery_loader = evaluator.loaders("test")
-    start = time.perf_counter()
-    query_seqs = token_sequences(encoder, query_loader, task.query_domain, evaluator.device, evaluator.amp, dtype)
-    gallery_seqs = token_sequences(encoder, gallery_loader, task.gallery_domain, evaluator.device, evaluator.amp,
-                                   dtype)
-    embed_seconds = time.perf_counter() - start
-    log.info("eval.rerank: %s over %d queries x %d photos (token sequences: %.1f MiB on the CPU)", settings["mode"],
-             len(query_seqs), len(gallery_seqs),
-             (query_seqs.numel() + gallery_seqs.numel()) * query_seqs.element_size() / 2**20)
-    metrics = rerank_metrics(encoder, embeddings, query_seqs, gallery_seqs, evaluator.eval_cfg, evaluator.device,
-                             settings, evaluator.amp)
+    on_disk = str(settings.get("token_store", "disk")) == "disk"
+    with tempfile.TemporaryDirectory(prefix="zsbir-rerank-", dir=settings.get("token_dir")) if on_disk \
+            else nullcontext() as store_dir:
+        start = time.perf_counter()
+        query_seqs = token_sequences(encoder, query_loader, task.query_domain, evaluator.device, evaluator.amp,
+                                     dtype, store_dir)
+        gallery_seqs = token_sequences(encoder, gallery_loader, task.gallery_domain, evaluator.device,
+                                       evaluator.amp, dtype, store_dir)
+        embed_seconds = time.perf_counter() - start
+        size = (query_seqs.numel() + gallery_seqs.numel()) * query_seqs.element_size() / 2**20
+        log.info("eval.rerank: %s over %d queries x %d photos (token sequences: %.1f MiB %s)", settings["mode"],
+                 len(query_seqs), len(gallery_seqs), size, f"in {store_dir}" if on_disk else "in RAM")
+        metrics = rerank_metrics(encoder, embeddings, query_seqs, gallery_seqs, evaluator.eval_cfg,
+                                 evaluator.device, settings, evaluator.amp)
+        del query_seqs, gallery_seqs  # release the memory maps before their folder goes
     metrics["embed_seconds"] = round(embed_seconds, 3)
     return metrics
 
