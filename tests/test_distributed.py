@@ -156,7 +156,7 @@ def test_two_process_run_resumes_on_every_rank(tmp_path, zsbir_cache):
 
 
 @pytest.mark.slow  # ~15 s per preset
-@pytest.mark.parametrize("experiment", ["dann", "sake", "dsn", "sketch_lvm", "puxim"])
+@pytest.mark.parametrize("experiment", ["dann", "sake", "dsn", "sketch_lvm", "puxim", "zse_sbir"])
 def test_every_method_preset_trains_under_two_processes(tmp_path, zsbir_cache, experiment):
     # Loss terms with parameters (domain classifier), memories, cross-rank contrastive gathers
     # and frozen towers all go through the one DDP-wrapped TrainStep.

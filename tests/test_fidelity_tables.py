@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 METHODS_DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
-PRESETS = ("dann", "sake", "dsn", "sketch_lvm", "puxim", "ma_zs_sbir")
+PRESETS = ("dann", "sake", "dsn", "sketch_lvm", "puxim", "ma_zs_sbir", "zse_sbir")
 DATASETS = ("sketchy", "sketchy_split2", "tuberlin", "quickdraw")
 # every table names these settings (first column, by prefix) ...
 REQUIRED_ROWS = ("architecture", "encoder calls per step", "trainable set", "loss:", "optimiser", "learning rate",
@@ -72,8 +72,11 @@ def steps_per_epoch(cfg) -> int:
         sketches -= int(sketches * float(cfg.data.val_fraction))
     photos = int(counts.train_photo) if counts.train_photo is not None else TUBERLIN_TRAIN_PHOTOS
     if cfg.data.sampler == "streams":
-        return min(sketches // int(cfg.data.stream_batch.sketch), photos // int(cfg.data.stream_batch.photo))
-    return sketches // int(cfg.data.batch_size)
+        steps = min(sketches // int(cfg.data.stream_batch.sketch), photos // int(cfg.data.stream_batch.photo))
+    else:
+        steps = sketches // int(cfg.data.batch_size)
+    limit = cfg.trainer.get("limit_train_batches")  # a preset's fixed epoch length (ZSE-SBIR: 666)
+    return min(steps, int(limit)) if limit else steps
 
 
 def test_every_preset_has_a_complete_fidelity_table():

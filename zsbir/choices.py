@@ -12,6 +12,7 @@ LR_SCHEDULES = ("constant", "cosine", "exp")  # sched.name
 ENCODE_MODES = ("joint", "per_domain")  # model.encode: one encoder call per step, or one per domain
 EVAL_PROTOCOLS = ("zs", "gzs", "pbir")  # eval.protocols: the registry of zsbir/eval/protocols.py
 GZS_SOURCES = ("train", "val")  # eval.gzs.source: where GZS's seen-class items come from
+RERANK_MODES = ("exhaustive", "top_n")  # eval.rerank.mode (null: off): zsbir/eval/rerank.py
 
 
 def metric_names(map_at, prec_at) -> list[str]:

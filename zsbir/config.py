@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from zsbir.choices import (AUGMENT_RECIPES, ENCODE_MODES, EVAL_PROTOCOLS, GZS_SOURCES, LR_SCHEDULES, SyntheticSpec,
-                           metric_names)
+from zsbir.choices import (AUGMENT_RECIPES, ENCODE_MODES, EVAL_PROTOCOLS, GZS_SOURCES, LR_SCHEDULES, RERANK_MODES,
+                           SyntheticSpec, metric_names)
 from zsbir.errors import ConfigError
 
 
@@ -101,6 +101,16 @@ class GridsSchema:
 
 
 @dataclass(kw_only=True)
+class RerankSchema:  # relation-network evaluation (zsbir/eval/rerank.py)
+    mode: Optional[str] = option(None, choices=RERANK_MODES)
+    top_n: int = option(100, minimum=1)
+    pair_batch: int = option(128, minimum=1)
+    token_dtype: str = option("fp16", choices=("fp32", "fp16", "bf16"))
+    token_store: str = option("disk", choices=("disk", "memory"))
+    token_dir: Optional[str] = option(None)
+
+
+@dataclass(kw_only=True)
 class EvalSchema:
     protocol: str = option(choices=("voc", "plain"))
     map_at: List[int] = option()
@@ -115,6 +125,7 @@ class EvalSchema:
     binary: Optional[BinarySchema] = option(None)
     grids: Optional[GridsSchema] = option(None)
     precision: str = option("fp32", choices=("fp32", "bf16", "fp16"))  # embeddings; autocast on CUDA only
+    rerank: Optional[RerankSchema] = option(None)
 
 
 @dataclass(kw_only=True)

@@ -41,6 +41,7 @@ from zsbir.engine.seed import rng_state, seed_everything, set_rng_state
 from zsbir.errors import ConfigError, ZsbirError
 from zsbir.eval.evaluator import Evaluator
 from zsbir.eval.protocols import selected_protocols
+from zsbir.eval.rerank import RESULT_KEY, check_pair_model, evaluate_rerank, rerank_settings, rerank_table
 from zsbir.eval.retrieval import embedding_warnings
 from zsbir.losses.base import LossContext, build_loss_set
 from zsbir.models.encoder import DOMAIN_IDS, build_encoder
@@ -140,6 +141,9 @@ class Trainer:
         self.data = load_split(cfg.data, seed=int(cfg.seed))
         self.encoder = build_encoder(cfg.model, len(self.data.seen_classes)).to(self.device)
         self.encode_mode = str(cfg.model.get("encode") or "joint")
+        self.rerank = rerank_settings(cfg.eval)  # relation-network test mode (eval.rerank), checked before training
+        if self.rerank:
+            check_pair_model(self.encoder)
         # trainer.max_steps=0: evaluate the network as built (a frozen pretrained encoder, or an
         # untrained one) and write metrics.json; no loss, optimiser, loader or checkpoint is made.
         self.evaluation_only = tcfg.get("max_steps") is not None and int(tcfg.max_steps) == 0
@@ -528,6 +532,9 @@ class Trainer:
         if self.evaluation_only:
             untrained = {}  # the same evaluation: one row
         table = self.evaluator.tables(results, evaluated, untrained)
+        if self.rerank:  # relation-network mode, beside the retrieval-mode metrics
+            result[RESULT_KEY] = evaluate_rerank(self.evaluator, self.encoder, embeddings, self.rerank)
+            table += "\n\n" + rerank_table(self.evaluator, evaluated, result[RESULT_KEY])
         if self.is_main_process:
             self.evaluator.write_results(self.run_dir, "metrics.json", result, table)
             log.info("\n%s\nqueries: %d, gallery: %d; wall time %.1f s; run directory %s", table, result["n_queries"],

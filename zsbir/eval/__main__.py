@@ -47,10 +47,13 @@ def run_eval(cfg: DictConfig) -> dict:
     from zsbir.eval.crossdata import drop_training_classes, training_class_names
     from zsbir.eval.evaluator import Evaluator
     from zsbir.eval.protocols import selected_protocols
+    from zsbir.eval.rerank import RESULT_KEY as RERANK_KEY
+    from zsbir.eval.rerank import RerankError, check_pair_model, evaluate_rerank, rerank_settings, rerank_table
     from zsbir.eval.retrieval import Embeddings
     from zsbir.models.encoder import build_encoder
 
     validate_eval_options(cfg.eval)  # a typo must not cost an embedding pass
+    rerank = rerank_settings(cfg.eval)  # relation-network mode (eval.rerank), null: off
     if not cfg.get("run_dir"):
         raise RunDirError("no run directory given: python -m zsbir.eval run_dir=<a training run directory> "
                           "(the folder a `python -m zsbir.train` run wrote)")
@@ -77,6 +80,10 @@ def run_eval(cfg: DictConfig) -> dict:
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt_path} does not fit the model of {run_dir / 'config.yaml'}: {err}") from None
     encoder.to(device)
+    if rerank:
+        check_pair_model(encoder)
+        if "zs" not in selected_protocols(cfg.eval):
+            raise RerankError("eval.rerank re-ranks the zs protocol: add zs to eval.protocols")
     excluded = []
     if cfg.eval.get("exclude_train_classes"):
         data, excluded = drop_training_classes(data, training_class_names(run_cfg.data))
@@ -132,6 +139,9 @@ def run_eval(cfg: DictConfig) -> dict:
         "retrieval_grids": [str(p.relative_to(run_dir)) for p in grids],
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
     }
+    if rerank:  # relation-network mode of pair models, beside the retrieval-mode metrics
+        result[RERANK_KEY] = evaluate_rerank(evaluator.for_protocol("zs"), encoder, embeddings["zs"], rerank)
+        table += "\n\n" + rerank_table(evaluator, f"{ckpt_label} ({ckpt_path.name}, step {step})", result[RERANK_KEY])
     evaluator.write_results(out_dir, "eval_metrics.json", result, table)
     log.info("\n%s\nresults in %s", table, out_dir)
     return result

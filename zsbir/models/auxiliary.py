@@ -114,3 +114,25 @@ class MaskedPhotoPass(AuxiliaryPass):
         out: EncoderOutput = self._encode_masked(encoder)(images, "photo", keep_index)
         for view, tokens, kept in zip(self.masked_views, out["tokens"].chunk(len(views)), keep_index.chunk(len(views))):
             outputs[view]["masked_tokens"], outputs[view]["masked_keep_index"] = tokens, kept
+
+
+class RelationPairsPass(AuxiliaryPass):
+    """ZSE-SBIR's pair network on the step's (sketch, positive photo) and (sketch, negative photo) pairs.
+
+    One `encoder.relate` call over the 2B pairs; adds to `outputs[photo view]` the pair's
+    cross-attended CLS tokens (`pair_sketch_cls`, `pair_photo_cls`) and `relation_logit`.
+    The encoder outputs' "sequence" (CLS + patch tokens) is what the pairs read.
+    """
+
+    paired_views = ("photo_pos", "photo_neg")
+    key = ("relation_pairs",)
+
+    def __call__(self, batch: dict, outputs: dict, encoder) -> None:
+        sketch = outputs["sketch"]["sequence"]
+        photos = torch.cat([outputs[view]["sequence"] for view in self.paired_views])
+        pairs = encoder.relate(sketch.repeat(len(self.paired_views), 1, 1), photos)
+        for i, view in enumerate(self.paired_views):
+            rows = slice(i * len(sketch), (i + 1) * len(sketch))
+            outputs[view]["pair_sketch_cls"] = pairs["sketch_cls"][rows]
+            outputs[view]["pair_photo_cls"] = pairs["photo_cls"][rows]
+            outputs[view]["relation_logit"] = pairs["relation_logit"][rows]
