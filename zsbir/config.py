@@ -378,7 +378,8 @@ def _check_across_groups(values: dict) -> list[str]:
                         "(data=sketchy_fg or data=synthetic_fg)")
     if data.get("sampler") == "streams" and not data.get("stream_batch"):
         problems.append("data.sampler=streams needs data.stream_batch: {sketch: <sketches per step>, photo: <photos>}")
-    if data and not data.get("synthetic") and not data.get("synthetic_fg") and not data.get("root"):
+    generated = data.get("synthetic") or data.get("synthetic_fg")
+    if data and not generated and not data.get("root"):
         problems.append("data.root is null: set data.root=/path/to/the/dataset (or paths.data_dir / ZSBIR_DATA)")
     problems += _check_model_and_optim(values.get("model"), values.get("optim"))
     problems += _check_protocols(eval_cfg)
