@@ -225,7 +225,9 @@ def _class_names(count: int, prefix: str) -> list[str]:
     return [f"{prefix}_{i:03d}" for i in range(count)]
 
 
-def _write_split(root: Path, spec: SyntheticSpec) -> None:
+def categories(root: Path, spec) -> list[tuple[str, dict, np.random.Generator, bool, int]]:
+    """Draw the glyph categories of `spec` (seed, seen_classes, unseen_classes) and write the
+    class files; per category (name, glyph, its image generator, is seen, label)."""
     master = np.random.default_rng(spec.seed)
     used: set = set()
     glyphs = [make_glyph(master, used) for _ in range(spec.seen_classes + spec.unseen_classes)]
@@ -236,6 +238,14 @@ def _write_split(root: Path, spec: SyntheticSpec) -> None:
     split.mkdir(parents=True)
     (split / "cname_cid.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(seen)))
     (split / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(unseen)))
+    return [(cname, glyph, np.random.default_rng(int(image_seed)), cid < spec.seen_classes,
+             cid if cid < spec.seen_classes else cid - spec.seen_classes)
+            for cid, (cname, glyph, image_seed) in enumerate(zip(seen + unseen, glyphs, image_seeds))]
+
+
+def _write_split(root: Path, spec: SyntheticSpec) -> None:
+    drawn = categories(root, spec)
+    split = root / SPLIT_DIR
     lists: dict[str, list[str]] = {key: [] for key in LISTS}
 
     def emit(key: str, domain: str, cname: str, label: int, index: int, image: Image.Image) -> None:
@@ -244,10 +254,7 @@ def _write_split(root: Path, spec: SyntheticSpec) -> None:
         image.save(root / rel)
         lists[key].append(f"{rel.as_posix()} {label}\n")
 
-    for cid, (cname, glyph, image_seed) in enumerate(zip(seen + unseen, glyphs, image_seeds)):
-        rng = np.random.default_rng(int(image_seed))
-        is_seen = cid < spec.seen_classes
-        label = cid if is_seen else cid - spec.seen_classes
+    for cname, glyph, rng, is_seen, label in drawn:
         n_sketch = spec.sketches_per_class + (spec.val_sketches_per_class if is_seen else 0)
         for i in range(n_sketch):
             key = ("train_sketch" if i < spec.sketches_per_class else "val_sketch") if is_seen else "zero_sketch"

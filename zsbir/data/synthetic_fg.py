@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from zsbir.choices import SyntheticFgSpec
-from zsbir.data.synthetic import GENERATOR_VERSION, LISTS, SPLIT_DIR, ensure_synthetic, make_glyph, render_photo, render_sketch
+from zsbir.data.synthetic import (GENERATOR_VERSION, LISTS, SPLIT_DIR, categories, ensure_synthetic, render_photo,
+                                  render_sketch)
 
 
 def _affine(points: np.ndarray, matrix: np.ndarray, bend: float) -> np.ndarray:
@@ -60,16 +61,8 @@ def sketch_pose(pose: tuple[float, float, np.ndarray], rng: np.random.Generator)
 
 
 def write_fine_grained(root: Path, spec: SyntheticFgSpec) -> None:
-    master = np.random.default_rng(spec.seed)
-    used: set = set()
-    glyphs = [make_glyph(master, used) for _ in range(spec.seen_classes + spec.unseen_classes)]
-    image_seeds = master.integers(0, 2**63 - 1, len(glyphs))
-    seen = [f"shape_{i:03d}" for i in range(spec.seen_classes)]
-    unseen = [f"novel_{i:03d}" for i in range(spec.unseen_classes)]
+    drawn = categories(root, spec)  # the glyph categories of data=synthetic, and the class files
     split = root / SPLIT_DIR
-    split.mkdir(parents=True)
-    (split / "cname_cid.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(seen)))
-    (split / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(unseen)))
     lists: dict[str, list[str]] = {key: [] for key in LISTS}
 
     def emit(key: str, rel: str, label: int, image) -> None:
@@ -77,10 +70,7 @@ def write_fine_grained(root: Path, spec: SyntheticFgSpec) -> None:
         image.save(root / rel)
         lists[key].append(f"{rel} {label}\n")
 
-    for cid, (cname, glyph, image_seed) in enumerate(zip(seen + unseen, glyphs, image_seeds)):
-        rng = np.random.default_rng(int(image_seed))
-        is_seen = cid < spec.seen_classes
-        label = cid if is_seen else cid - spec.seen_classes
+    for cname, glyph, rng, is_seen, label in drawn:
         n_val = spec.val_sketches_per_photo if is_seen else 0
         for i in range(spec.photos_per_class):
             variant, pose = instance_variant(glyph, rng), instance_pose(rng)
