@@ -220,7 +220,8 @@ def main(cfg: DictConfig) -> float:
     except ZsbirError as err:
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(1)
-    return float(result[PROTOCOLS[result["protocols"][0]].result_key]["map_all"])
+    first = PROTOCOLS[result["protocols"][0]]
+    return float(result[first.result_key][first.headline_metric])
 
 
 if __name__ == "__main__":

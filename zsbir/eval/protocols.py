@@ -56,6 +56,7 @@ class Protocol:
     name: ClassVar[str]
     result_key: ClassVar[str]  # the key of metrics.json (and eval_metrics.json) its test metrics go under
     title: ClassVar[str]  # first line of its results table
+    headline_metric: ClassVar[str] = "map_all"  # the one number a caller reports (python -m zsbir.eval's return)
 
     def __init__(self, settings=None):
         self.settings = dict(settings or {})
@@ -207,6 +208,7 @@ class FineGrainedProtocol(Protocol):
 
     name = "fg"
     result_key = "fg"
+    headline_metric = "acc_1"
     title = "fine-grained (instance-level) retrieval, unseen classes"
 
     def metric_keys(self) -> list[str]:
