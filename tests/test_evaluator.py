@@ -63,7 +63,7 @@ def test_loaders_are_built_once_per_split(smoke):
 
 def test_unknown_protocol_is_named():
     with pytest.raises(UnknownProtocolError, match="unknown evaluation protocol 'bogus' in eval.protocols; known: "
-                                                   "\\['gzs', 'pbir', 'zs'\\]"):
+                                                   "\\['fg', 'gzs', 'pbir', 'zs'\\]"):
         get_protocol("bogus")
     with pytest.raises(ValueError, match="protocol zs has splits 'test' and 'val'"):
         get_protocol("zs").task(None, "train")

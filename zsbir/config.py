@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from zsbir.choices import (AUGMENT_RECIPES, ENCODE_MODES, EVAL_PROTOCOLS, GZS_SOURCES, LR_SCHEDULES, RERANK_MODES,
-                           SyntheticSpec, metric_names)
+from zsbir.choices import (AUGMENT_RECIPES, ENCODE_MODES, EVAL_PROTOCOLS, FG_GALLERIES, GZS_SOURCES, LR_SCHEDULES,
+                           RERANK_MODES, SyntheticFgSpec, SyntheticSpec, metric_names)
 from zsbir.errors import ConfigError
 
 
@@ -92,6 +92,12 @@ class PbirSchema:
 
 
 @dataclass(kw_only=True)
+class FgSchema:  # fine-grained protocol (eval.protocols=[..., fg]; docs/metrics.md)
+    gallery: str = option("category", choices=FG_GALLERIES)
+    ks: Optional[List[int]] = option(None)  # acc@K cut-offs; null: [1, 5]
+
+
+@dataclass(kw_only=True)
 class GridsSchema:
     protocol: str = option("zs", choices=EVAL_PROTOCOLS)
     queries: int = option(8, minimum=0)
@@ -120,6 +126,7 @@ class EvalSchema:
     protocols: Optional[List[str]] = option(None)  # absent: [zs]
     gzs: Optional[GzsSchema] = option(None)
     pbir: Optional[PbirSchema] = option(None)
+    fg: Optional[FgSchema] = option(None)
     exclude_train_classes: bool = option(False)
     before_training: bool = option()
     binary: Optional[BinarySchema] = option(None)
@@ -168,6 +175,12 @@ class StreamBatchSchema:
 
 
 @dataclass(kw_only=True)
+class FineGrainedSchema:  # data.fine_grained: instance pairs (zsbir/data/instances.py)
+    photo_folder: Optional[str] = option(None)  # only photos under this folder pair with sketches; null: any
+    counts: Optional[Dict[str, Optional[int]]] = option(None)  # photos with sketches: {train_photo, zero_photo}
+
+
+@dataclass(kw_only=True)
 class DataSchema:
     """Keys every dataset config shares (zsbir/data/datamodule.py reads them)."""
 
@@ -176,13 +189,15 @@ class DataSchema:
     cache_dir: Optional[str] = option(None)
     split_dir: str = option()
     synthetic: Optional[SyntheticSpec] = option(None)
+    synthetic_fg: Optional[SyntheticFgSpec] = option(None)  # the generated fine-grained benchmark
+    fine_grained: Optional[FineGrainedSchema] = option(None)  # sketch-photo instance pairs (data=sketchy_fg)
     lists: ListsSchema = option()
     counts: Optional[Dict[str, Optional[int]]] = option(None)
     metrics: List[str] = option()
     image_size: int = option(minimum=1)
     augment: str = option(choices=AUGMENT_RECIPES)
     augment_views: Optional[str] = option(None, choices=AUGMENT_RECIPES)  # recipe of the extra views (_v2, _v3)
-    sampler: str = option("triplets", choices=("triplets", "streams"))
+    sampler: str = option("triplets", choices=("triplets", "streams", "instances"))
     stream_batch: Optional[StreamBatchSchema] = option(None)  # data.sampler=streams: images per step
     by_dataset: Optional[Dict[str, Any]] = option(None)  # presets: {dataset name: values that differ per dataset}
     batch_size: int = option(minimum=2)  # BatchNorm and in-batch negatives need two items
@@ -402,9 +417,13 @@ def _check_across_groups(values: dict) -> list[str]:
     model = values.get("model") if isinstance(values.get("model"), dict) else {}
     if model.get("encode", "joint") not in ENCODE_MODES:
         problems.append(f"model.encode={_show(model.get('encode'))}: must be one of {'|'.join(ENCODE_MODES)}")
+    if data.get("sampler") == "instances" and not data.get("fine_grained"):
+        problems.append("data.sampler=instances needs sketch-photo pairs: use a fine-grained dataset "
+                        "(data=sketchy_fg or data=synthetic_fg)")
     if data.get("sampler") == "streams" and not data.get("stream_batch"):
         problems.append("data.sampler=streams needs data.stream_batch: {sketch: <sketches per step>, photo: <photos>}")
-    if data and not data.get("synthetic") and not data.get("root"):
+    generated = data.get("synthetic") or data.get("synthetic_fg")
+    if data and not generated and not data.get("root"):
         problems.append("data.root is null: set data.root=/path/to/the/dataset (or paths.data_dir / ZSBIR_DATA)")
     problems += _check_model_and_optim(values.get("model"), values.get("optim"))
     problems += _check_protocols(eval_cfg)

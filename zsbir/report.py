@@ -34,7 +34,7 @@ PROTOCOL_NAMES = {
     "voc": "voc = VOC-interpolated AP, as SAKE, DSN and ZSE-SBIR compute it",
     "plain": "plain = non-interpolated AP (torchmetrics-style), as Sketch_LVM and PuXIM compute it",
 }
-DATASET_ORDER = ("sketchy", "sketchy_split2", "tuberlin", "quickdraw")
+DATASET_ORDER = ("sketchy", "sketchy_split2", "tuberlin", "quickdraw", "sketchy_fg")
 FORMATS = ("md", "csv", "latex")
 
 
@@ -69,6 +69,7 @@ EVAL_PROTOCOLS = {
     "zs": ("", "unseen-class test metrics"),
     "gzs": (" — generalized ZS-SBIR (gzs)", "generalized ZS-SBIR metrics over all queries (seen + unseen classes)"),
     "pbir": (" — photo-based image retrieval (pbir)", "photo-to-photo retrieval metrics on the unseen classes"),
+    "fg": (" — fine-grained ZS-SBIR (fg)", "instance-level acc@K on the unseen classes (the sketch's own photo)"),
 }
 
 
@@ -202,12 +203,13 @@ class Table:
         return [(dataset, metric) for dataset, metrics in self.columns for metric in metrics]
 
 
-def default_columns(runs: list[RunResult], data: dict) -> list:
+def default_columns(runs: list[RunResult], data: dict, eval_protocol: str = "zs") -> list:
     datasets = sorted({r.dataset for r in runs},
                       key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d))
     columns = []
     for dataset in datasets:
-        metrics = data["dataset_metrics"].get(dataset)
+        # a protocol with metrics of its own (fg: acc@K) shows them on every dataset
+        metrics = (data.get("protocol_metrics") or {}).get(eval_protocol) or data["dataset_metrics"].get(dataset)
         if metrics is None:  # a benchmark without papers: the metrics its runs list, in their order
             order = next((r.metrics_order for r in runs if r.dataset == dataset and r.metrics_order), ())
             metrics = list(order) or sorted({m for r in runs if r.dataset == dataset for m in r.metrics
@@ -254,7 +256,7 @@ def build_table(runs: list[RunResult], layout: str | None = None, data: dict | N
     if layout is not None and layout not in data["tables"]:
         raise ReportError(f"unknown layout {layout!r}: choose one of {['runs', *data['tables']]}")
     if layout is None:
-        title, columns = "zsbir results" + EVAL_PROTOCOLS[eval_protocol][0], default_columns(runs, data)
+        title, columns = "zsbir results" + EVAL_PROTOCOLS[eval_protocol][0], default_columns(runs, data, eval_protocol)
     else:
         table_spec = data["tables"][layout]
         title, columns = table_spec["title"], list(table_spec["columns"].items())

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader
 from zsbir.data.filelist import (DatasetError, FileList, build_filelist_from_folders, check_labels, find_missing,
                                  read_class_file, read_filelist)
 from zsbir.data.imagecache import PreResizedImages
+from zsbir.data.instance_triplets import InstanceTripletDataset
+from zsbir.data.instances import paired_subset, restrict_to_instances
 from zsbir.data.pairs import EpochBatchSampler, ImageListDataset, TripletDataset, seed_worker
 from zsbir.data.streams import StreamBatchSampler, StreamDataset, collate_streams
 from zsbir.data.transforms import build_transform
@@ -55,6 +57,10 @@ def dataset_root(data_cfg) -> Path:
 
         spec = SyntheticSpec(**data_cfg.synthetic)
         return ensure_synthetic(data_cfg.cache_dir, spec)
+    if data_cfg.get("synthetic_fg"):
+        from zsbir.data.synthetic_fg import SyntheticFgSpec, ensure_synthetic_fg
+
+        return ensure_synthetic_fg(data_cfg.cache_dir, SyntheticFgSpec(**data_cfg.synthetic_fg))
     return Path(str(data_cfg.root)).expanduser()
 
 
@@ -187,6 +193,9 @@ def load_split(data_cfg, seed: int = 0) -> SplitData:
                                                  **{k: len(v) for k, v in lists.items()}}, data_cfg.get("counts"))
     pixels = PreResizedImages(str(data_cfg.preresized_folder)) if data_cfg.get("preresized_folder") else None
     lists = drop_unavailable(lists, root, split, data_cfg, pixels)
+    fine_grained = data_cfg.get("fine_grained")
+    if fine_grained:  # instance pairs (zsbir/data/instances.py): photo lists keep the photos with sketches
+        lists = restrict_to_instances(lists, fine_grained, str(data_cfg.name))
     train_sketch = lists["train_sketch"]
     rng = np.random.default_rng(seed)
     if "val_sketch" in lists:
@@ -206,6 +215,10 @@ def load_split(data_cfg, seed: int = 0) -> SplitData:
     if cap:
         for key in ("train_sketch", "train_photo", "val_sketch", "val_photo", "zero_sketch", "zero_photo"):
             setattr(data, key, cap_per_class(getattr(data, key), int(cap), seed))
+        if fine_grained:  # keep the sketches of the photos the cap kept, so that every sketch has its photo
+            data.train_sketch = paired_subset(train_sketch, data.train_photo, int(cap), seed)
+            data.zero_sketch = paired_subset(lists["zero_sketch"], data.zero_photo, int(cap), seed)
+            data.val_sketch = paired_subset(val_sketch, data.train_photo, int(cap), seed)
     if pixels is not None:
         log.info("reading pre-resized images (%d px) from the image cache %s", pixels.size, pixels.folder)
     return data
@@ -268,8 +281,13 @@ def train_loader(data: SplitData, data_cfg, norm: str, views: tuple[str, ...], s
                  rank: int = 0, world_size: int = 1) -> DataLoader:
     if str(data_cfg.get("sampler") or "triplets") == "streams":
         return stream_loader(data, data_cfg, norm, views, seed, rank, world_size)
-    dataset = TripletDataset(data.root, data.train_sketch, data.train_photo, transforms_for(data_cfg, norm, train=True),
-                             views=views, seed=seed, keep_decoded_in_memory=_in_memory(data_cfg), pixels=data.pixels)
+    sampler_name = str(data_cfg.get("sampler") or "triplets")
+    if sampler_name == "instances" and not data_cfg.get("fine_grained"):
+        raise DatasetError("data.sampler=instances needs sketch-photo pairs: use a fine-grained dataset "
+                           "(data=sketchy_fg or data=synthetic_fg)")
+    dataset_class = InstanceTripletDataset if sampler_name == "instances" else TripletDataset
+    dataset = dataset_class(data.root, data.train_sketch, data.train_photo, transforms_for(data_cfg, norm, train=True),
+                            views=views, seed=seed, keep_decoded_in_memory=_in_memory(data_cfg), pixels=data.pixels)
     balanced = data_cfg.get("balanced") or {}
     sampler = EpochBatchSampler(data.train_sketch.labels, int(data_cfg.batch_size), seed=seed, rank=rank,
                                 world_size=world_size, classes_per_batch=balanced.get("classes_per_batch"),

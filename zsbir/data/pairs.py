@@ -116,9 +116,8 @@ class TripletDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sketches)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
-        rng = np.random.default_rng(item_seed(self.seed, epoch, index))
+    def pick(self, index: int, rng: np.random.Generator) -> dict:
+        """The item's labels and list indices: a random photo of the sketch's class, one of another class."""
         label = self.sketches.labels[index]
         pos = int(rng.choice(self.photos_by_class[label]))
         others = self.photo_classes[self.photo_classes != label]
@@ -126,7 +125,12 @@ class TripletDataset(Dataset):
         neg = int(rng.choice(self.photos_by_class[neg_label]))
         # pos_index / neg_index: the photos' indices in the training photo list (PuXIM caches
         # its per-photo patch masks under them)
-        item = {"label": label, "neg_label": neg_label, "index": index, "pos_index": pos, "neg_index": neg}
+        return {"label": label, "neg_label": neg_label, "index": index, "pos_index": pos, "neg_index": neg}
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        rng = np.random.default_rng(item_seed(self.seed, epoch, index))
+        item = self.pick(index, rng)
         loaded: dict[tuple[int, int], Image.Image] = {}
         for stream, view in enumerate(self.views):
             domain = VIEWS[view].domain

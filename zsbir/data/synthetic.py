@@ -156,12 +156,12 @@ def _dot_box(centre: np.ndarray, radius: float, rot: np.ndarray, shift: np.ndarr
     return [x - r, y - r, x + r, y + r]
 
 
-def render_sketch(glyph: dict, rng: np.random.Generator, size: int) -> Image.Image:
-    """Thin dark strokes with hand-drawn jitter on white paper."""
+def render_sketch(glyph: dict, rng: np.random.Generator, size: int, pose: tuple | None = None) -> Image.Image:
+    """Thin dark strokes with hand-drawn jitter on white paper; `pose` (rotation-scale, shift): its own when None."""
     big = size * SUPERSAMPLE
     img = Image.new("L", (big, big), 255)
     draw = ImageDraw.Draw(img)
-    rot, shift = _pose(rng, (0.8, 1.05))
+    rot, shift = pose if pose is not None else _pose(rng, (0.8, 1.05))
     width = max(1, round(big / 40 * rng.uniform(0.8, 1.3)))
     ink = int(rng.integers(0, 70))
 
@@ -201,12 +201,12 @@ def _background(rng: np.random.Generator, big: int) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(radius=big / 200))
 
 
-def render_photo(glyph: dict, rng: np.random.Generator, size: int) -> Image.Image:
-    """The glyph filled and thick, in colour, over a textured, cluttered background."""
+def render_photo(glyph: dict, rng: np.random.Generator, size: int, pose: tuple | None = None) -> Image.Image:
+    """The glyph filled and thick, in colour, over a textured, cluttered background; `pose` as render_sketch."""
     big = size * SUPERSAMPLE
     img = _background(rng, big)
     draw = ImageDraw.Draw(img)
-    rot, shift = _pose(rng, (0.75, 1.1))
+    rot, shift = pose if pose is not None else _pose(rng, (0.75, 1.1))
     fill = rng.uniform(0, 255, 3)
     edge = np.clip(fill * rng.uniform(0.15, 0.5), 0, 255)
     fill_c, edge_c = tuple(int(c) for c in fill), tuple(int(c) for c in edge)
@@ -225,7 +225,9 @@ def _class_names(count: int, prefix: str) -> list[str]:
     return [f"{prefix}_{i:03d}" for i in range(count)]
 
 
-def _write_split(root: Path, spec: SyntheticSpec) -> None:
+def categories(root: Path, spec) -> list[tuple[str, dict, np.random.Generator, bool, int]]:
+    """Draw the glyph categories of `spec` (seed, seen_classes, unseen_classes) and write the
+    class files; per category (name, glyph, its image generator, is seen, label)."""
     master = np.random.default_rng(spec.seed)
     used: set = set()
     glyphs = [make_glyph(master, used) for _ in range(spec.seen_classes + spec.unseen_classes)]
@@ -236,6 +238,14 @@ def _write_split(root: Path, spec: SyntheticSpec) -> None:
     split.mkdir(parents=True)
     (split / "cname_cid.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(seen)))
     (split / "cname_cid_zero.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(unseen)))
+    return [(cname, glyph, np.random.default_rng(int(image_seed)), cid < spec.seen_classes,
+             cid if cid < spec.seen_classes else cid - spec.seen_classes)
+            for cid, (cname, glyph, image_seed) in enumerate(zip(seen + unseen, glyphs, image_seeds))]
+
+
+def _write_split(root: Path, spec: SyntheticSpec) -> None:
+    drawn = categories(root, spec)
+    split = root / SPLIT_DIR
     lists: dict[str, list[str]] = {key: [] for key in LISTS}
 
     def emit(key: str, domain: str, cname: str, label: int, index: int, image: Image.Image) -> None:
@@ -244,10 +254,7 @@ def _write_split(root: Path, spec: SyntheticSpec) -> None:
         image.save(root / rel)
         lists[key].append(f"{rel.as_posix()} {label}\n")
 
-    for cid, (cname, glyph, image_seed) in enumerate(zip(seen + unseen, glyphs, image_seeds)):
-        rng = np.random.default_rng(int(image_seed))
-        is_seen = cid < spec.seen_classes
-        label = cid if is_seen else cid - spec.seen_classes
+    for cname, glyph, rng, is_seen, label in drawn:
         n_sketch = spec.sketches_per_class + (spec.val_sketches_per_class if is_seen else 0)
         for i in range(n_sketch):
             key = ("train_sketch" if i < spec.sketches_per_class else "val_sketch") if is_seen else "zero_sketch"
@@ -259,16 +266,21 @@ def _write_split(root: Path, spec: SyntheticSpec) -> None:
     (root / "spec.json").write_text(json.dumps({"version": GENERATOR_VERSION, **asdict(spec)}, indent=2))
 
 
-def ensure_synthetic(cache_dir: str | os.PathLike, spec: SyntheticSpec) -> Path:
-    """Generate the benchmark under `cache_dir` unless it already exists; return its root."""
-    root = Path(cache_dir).expanduser() / f"synthetic-{spec_digest(spec)}"
+def ensure_synthetic(cache_dir: str | os.PathLike, spec, writer=None, prefix: str = "synthetic") -> Path:
+    """Generate the benchmark under `cache_dir` unless it already exists; return its root.
+
+    `writer(folder, spec)` writes it (default: this module's category-level benchmark);
+    `prefix` names its kind in the folder name (data=synthetic_fg: `synthetic_fg-<hash>`).
+    """
+    writer = writer or _write_split
+    root = Path(cache_dir).expanduser() / f"{prefix}-{spec_digest(spec)}"
     if (root / "spec.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     log.info("generating the synthetic benchmark (%s) into %s", spec, root)
     tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
     try:
-        _write_split(tmp, spec)
+        writer(tmp, spec)
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first: keep its copy

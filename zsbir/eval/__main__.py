@@ -226,7 +226,8 @@ def load_cached_embeddings(path: Path) -> dict | None:
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     result = exit_on_user_error(lambda: run_eval(cfg), log)
-    return float(result[PROTOCOLS[result["protocols"][0]].result_key]["map_all"])
+    first = PROTOCOLS[result["protocols"][0]]
+    return float(result[first.result_key][first.headline_metric])
 
 
 if __name__ == "__main__":

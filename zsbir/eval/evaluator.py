@@ -167,7 +167,11 @@ class Evaluator:
         return wanted if wanted in names else None
 
     def table_keys(self) -> list[str]:
-        """Columns of the results table: the dataset's metrics, the defaults, their binary versions."""
+        """Columns of the results table: the protocol's own metrics (fg: acc@K), else the dataset's
+        metrics, the defaults and their binary versions."""
+        own = self.protocol.metric_keys()
+        if own is not None:
+            return own
         return table_keys(self.data_cfg.metrics, self.eval_cfg, DEFAULT_METRICS)
 
     def table(self, rows: dict[str, dict]) -> str:

@@ -393,3 +393,93 @@ def _nanmean(x: torch.Tensor) -> torch.Tensor:
     total = torch.where(valid, x, 0.0).sum(dim=0)
     count = valid.sum(dim=0)
     return torch.where(count > 0, total / count.clamp(min=1), float("nan"))
+
+
+# ----------------------------------------------------------------------------- fine-grained
+
+def instance_accuracy(
+    query_emb,
+    query_instance,
+    gallery_emb,
+    gallery_instance,
+    query_group=None,
+    gallery_group=None,
+    ks: Sequence[int] = (1, 5),
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """acc@K of instance-level retrieval: the share of queries whose true match ranks in the top K.
+
+    Definitions and sources: docs/metrics.md, "Fine-grained ZS-SBIR (protocol fg)".
+
+    Args:
+        query_emb, gallery_emb: (n_queries x d) and (n_gallery x d) embeddings; ranked by cosine.
+        query_instance, gallery_instance: integer instance ids; a query's true match is the
+            gallery item with its id. Every query must have exactly one, and a gallery id may
+            appear only once.
+        query_group, gallery_group: optional integer groups (the category): each query then
+            ranks only the gallery items of its own group (eval.fg_gallery=category); its
+            true match must be in that group. None on both: every gallery item competes.
+        ks: the cut-offs K, reported as ``acc_<K>``.
+
+    Ties are broken by gallery index like every other metric here: an item with exactly
+    the true match's score ranks above it when its index is lower. Returns ``acc_<K>`` per
+    K plus ``n_queries`` and ``n_gallery``.
+    """
+    if (query_group is None) != (gallery_group is None):
+        raise ValueError("instance_accuracy: give query_group and gallery_group together, or neither")
+    device = torch.device(device) if device is not None else _default_device(query_emb)
+    queries, gallery = _as_float_tensor(query_emb), _as_float_tensor(gallery_emb)
+    dtype = torch.promote_types(queries.dtype, gallery.dtype)
+    queries, gallery = queries.to(dtype), gallery.to(device, dtype)
+    check_finite(queries, "query")
+    check_finite(gallery, "gallery")
+    q_inst, g_inst = _labels_tensor(query_instance), _labels_tensor(gallery_instance)
+    if queries.shape[0] != q_inst.numel() or gallery.shape[0] != g_inst.numel():
+        raise ValueError("instance_accuracy: embeddings and instance ids disagree in length")
+    target = _true_matches(q_inst, g_inst)
+    grouped = query_group is not None
+    if grouped:
+        q_group, g_group = _labels_tensor(query_group), _labels_tensor(gallery_group)
+        if q_group.numel() != q_inst.numel() or g_group.numel() != g_inst.numel():
+            raise ValueError("instance_accuracy: groups and instance ids disagree in length")
+        strays = int((g_group[target] != q_group).sum())
+        if strays:
+            raise ValueError(f"instance_accuracy: {strays} queries have their true match in another group "
+                             "(category); the pairing and the class labels disagree")
+        g_group = g_group.to(device)
+    queries, gallery = F.normalize(queries, dim=1), F.normalize(gallery, dim=1)
+    # Score each distinct gallery vector once: a matrix product may round two equal columns
+    # differently (blocked kernels), which would break exact ties between duplicate photos.
+    distinct, copy_of = torch.unique(gallery, dim=0, return_inverse=True)
+    index = torch.arange(gallery.shape[0], device=device)
+    ranks = torch.empty(queries.shape[0], dtype=torch.long)
+    for rows in torch.arange(queries.shape[0]).split(chunk_size or default_chunk_size(gallery.shape[0])):
+        scores = _ranking_scores((queries[rows].to(device) @ distinct.T)[:, copy_of])
+        true_index = target[rows].to(device)
+        true_score = scores.gather(1, true_index[:, None])
+        above = (scores > true_score) | ((scores == true_score) & (index[None, :] < true_index[:, None]))
+        if grouped:
+            above &= g_group[None, :] == q_group[rows].to(device)[:, None]
+        ranks[rows] = (above.sum(dim=1) + 1).cpu()
+    result = {f"acc_{k}": float((ranks <= k).double().mean()) for k in ks}
+    result["n_queries"] = int(queries.shape[0])
+    result["n_gallery"] = int(gallery.shape[0])
+    return result
+
+
+def _true_matches(query_instance: torch.Tensor, gallery_instance: torch.Tensor) -> torch.Tensor:
+    """Gallery index of each query's instance; one clear error for repeated or missing ids."""
+    ids, counts = torch.unique(gallery_instance, return_counts=True)
+    if bool((counts > 1).any()):
+        repeated = ids[counts > 1][:5].tolist()
+        raise ValueError(f"instance_accuracy: the gallery holds instance ids {repeated} more than once; "
+                         "each photo must appear once in a fine-grained gallery")
+    order = torch.argsort(gallery_instance)
+    position = torch.searchsorted(gallery_instance[order], query_instance).clamp(max=max(0, len(order) - 1))
+    found = (gallery_instance[order][position] == query_instance) if len(order) else torch.zeros_like(query_instance, dtype=torch.bool)
+    if not bool(found.all()):
+        missing = query_instance[~found][:5].tolist()
+        raise ValueError(f"instance_accuracy: {int((~found).sum())} queries have no true match in the gallery "
+                         f"(instance ids {missing}...); the gallery must hold the photo of every query sketch")
+    return order[position]

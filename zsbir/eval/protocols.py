@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from zsbir.choices import GZS_SOURCES
+from zsbir.choices import FG_GALLERIES, GZS_SOURCES
 from zsbir.data.filelist import FileList
 from zsbir.errors import ZsbirError
 
@@ -56,12 +56,17 @@ class Protocol:
     name: ClassVar[str]
     result_key: ClassVar[str]  # the key of metrics.json (and eval_metrics.json) its test metrics go under
     title: ClassVar[str]  # first line of its results table
+    headline_metric: ClassVar[str] = "map_all"  # the one number a caller reports (python -m zsbir.eval's return)
 
     def __init__(self, settings=None):
         self.settings = dict(settings or {})
 
     def task(self, data, split: str) -> RetrievalTask:  # pragma: no cover
         raise NotImplementedError
+
+    def metric_keys(self) -> list[str] | None:
+        """Columns of the protocol's results table; None: the retrieval metrics (mAP, P@K)."""
+        return None
 
     def score(self, embeddings, eval_cfg, device, split: str = "evaluation", task: RetrievalTask | None = None) -> dict:
         """Metrics of the embeddings; relevance = same class label. `split` names them in errors.
@@ -190,8 +195,57 @@ class PhotoRetrievalProtocol(Protocol):
         return RetrievalTask(queries, "photo", gallery, "photo", data.unseen_classes)
 
 
+class FineGrainedProtocol(Protocol):
+    """Fine-grained (instance-level) ZS-SBIR: Pang et al., CVPR 2019, as Sketch_LVM (CVPR 2023) uses it.
+
+    Every unseen-class sketch queries the unseen-class photos of a fine-grained dataset
+    (`data.fine_grained`: photos with sketches, zsbir/data/instances.py); its one relevant
+    photo is the one it was drawn from. Metrics acc@K (`eval.fg.ks`, default 1 and 5),
+    `zsbir.eval.metrics.instance_accuracy`. `eval.fg.gallery`: `category` (the standard
+    protocol: a query ranks the photos of its own category) or `all` (every unseen photo).
+    Split `val`: the held-out seen-class sketches against the training photos they were drawn from.
+    """
+
+    name = "fg"
+    result_key = "fg"
+    headline_metric = "acc_1"
+    title = "fine-grained (instance-level) retrieval, unseen classes"
+
+    def metric_keys(self) -> list[str]:
+        return [f"acc_{int(k)}" for k in self.settings.get("ks", (1, 5))]
+
+    def task(self, data, split: str) -> RetrievalTask:
+        from zsbir.data.instances import instance_photos
+
+        if split == "test":
+            return RetrievalTask(data.zero_sketch, "sketch", data.zero_photo, "photo", data.unseen_classes)
+        if split == "val":
+            photos = instance_photos(data.train_photo, data.val_sketch, None, "fg validation", warn_unsketched=False)
+            return RetrievalTask(data.val_sketch, "sketch", photos, "photo", data.seen_classes)
+        raise ValueError(f"protocol fg has splits 'test' and 'val', not {split!r}")
+
+    def score(self, embeddings, eval_cfg, device, split: str = "evaluation", task: RetrievalTask | None = None) -> dict:
+        from zsbir.data.filelist import DatasetError
+        from zsbir.data.instances import instance_ids
+        from zsbir.eval.metrics import instance_accuracy
+
+        gallery = str(self.settings.get("gallery", "category"))
+        if gallery not in FG_GALLERIES:
+            raise UnknownProtocolError(f"eval.fg.gallery={gallery!r}: must be one of {'|'.join(FG_GALLERIES)}")
+        try:
+            query_instance, gallery_instance = instance_ids(task.queries, task.gallery)
+        except DatasetError as err:
+            raise UnknownProtocolError(f"protocol fg needs sketch-photo instance pairs ({err}); evaluate it on a "
+                                       "fine-grained dataset: data=sketchy_fg or data=synthetic_fg") from None
+        groups = (embeddings.query_labels, embeddings.gallery_labels) if gallery == "category" else (None, None)
+        ks = [int(k) for k in self.settings.get("ks", (1, 5))]
+        return instance_accuracy(embeddings.queries, query_instance, embeddings.gallery, gallery_instance, *groups,
+                                 ks=ks, chunk_size=eval_cfg.get("chunk_size"), device=device)
+
+
 PROTOCOLS: dict[str, type[Protocol]] = {
-    cls.name: cls for cls in (ZeroShotProtocol, GeneralizedZeroShotProtocol, PhotoRetrievalProtocol)}
+    cls.name: cls for cls in (ZeroShotProtocol, GeneralizedZeroShotProtocol, PhotoRetrievalProtocol,
+                              FineGrainedProtocol)}
 # The config schema validates eval.protocols against zsbir.choices.EVAL_PROTOCOLS (it imports no
 # implementation module); a new protocol is named there too (tests/test_protocols.py checks).
 

@@ -136,3 +136,68 @@ class RelationPairsPass(AuxiliaryPass):
             outputs[view]["pair_sketch_cls"] = pairs["sketch_cls"][rows]
             outputs[view]["pair_photo_cls"] = pairs["photo_cls"][rows]
             outputs[view]["relation_logit"] = pairs["relation_logit"][rows]
+
+
+def patch_permutations(seeds: torch.Tensor, n_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two different permutations of `n_patches` per item, drawn from the item's `shuffle_seed`.
+
+    (B x n_patches) each, on the CPU; the second differs from the first in every row (a
+    negative pair must be shuffled differently), by redrawing until it does.
+    """
+    if n_patches < 2:
+        raise ValueError("patch shuffling needs a grid of at least 2 patches")
+    same, other = [], []
+    for seed in seeds.tolist():
+        g = torch.Generator().manual_seed(int(seed))
+        first = torch.randperm(n_patches, generator=g)
+        second = torch.randperm(n_patches, generator=g)
+        while torch.equal(first, second):
+            second = torch.randperm(n_patches, generator=g)
+        same.append(first)
+        other.append(second)
+    return torch.stack(same), torch.stack(other)
+
+
+def shuffle_patches(images: torch.Tensor, grid: int, permutations: torch.Tensor) -> torch.Tensor:
+    """Cut each image into grid x grid patches and lay them out again in its permutation's order.
+
+    Patch k of the output (row-major) is patch `permutations[b, k]` of the input image b.
+    """
+    b, c, h, w = images.shape
+    if h % grid or w % grid:
+        raise ValueError(f"patch shuffling with a {grid}x{grid} grid needs an image size divisible by {grid}, "
+                         f"got {h}x{w}: change loss.patch_shuffle.grid or data.image_size")
+    ph, pw = h // grid, w // grid
+    patches = images.reshape(b, c, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, ph, pw)
+    index = permutations.to(images.device)[:, :, None, None, None].expand_as(patches)
+    shuffled = patches.gather(1, index)
+    return shuffled.reshape(b, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class PatchShufflePass(AuxiliaryPass):
+    """Sketch_LVM's patch shuffling: the encoder run on shuffled sketches and photos.
+
+    Per item, permutation A shuffles the sketch and its photo (a positive pair: the same
+    layout), permutation B != A shuffles the photo again (the negative). Adds
+    `outputs["sketch"]["shuffled_embedding"]`, `outputs["photo_pos"]["shuffled_embedding"]`
+    (permutation A) and `outputs["photo_pos"]["reshuffled_embedding"]` (permutation B).
+    The permutations come from each item's `shuffle_seed` (data.sampler=instances).
+    """
+
+    def __init__(self, grid: int):
+        self.grid = int(grid)
+
+    @property
+    def key(self) -> Hashable:
+        return ("patch_shuffle", self.grid)
+
+    def __call__(self, batch: dict, outputs: dict, encoder) -> None:
+        if "shuffle_seed" not in batch:
+            raise KeyError("patch shuffling needs instance triplets (data.sampler=instances): the batch has no "
+                           "shuffle_seed")
+        same, other = patch_permutations(batch["shuffle_seed"].cpu(), self.grid * self.grid)
+        sketch, photo = batch["sketch"], batch["photo_pos"]
+        outputs["sketch"]["shuffled_embedding"] = encoder(shuffle_patches(sketch, self.grid, same), "sketch")["embedding"]
+        photos = torch.cat([shuffle_patches(photo, self.grid, same), shuffle_patches(photo, self.grid, other)])
+        embedded = encoder(photos, "photo")["embedding"]
+        outputs["photo_pos"]["shuffled_embedding"], outputs["photo_pos"]["reshuffled_embedding"] = embedded.chunk(2)
