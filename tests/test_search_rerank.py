@@ -2,6 +2,8 @@
 the index's top N re-ordered by the relation network rank exactly as zsbir.eval.rerank does."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -75,7 +77,9 @@ def test_rerank_of_the_whole_gallery_is_the_exhaustive_relation_ranking(zse_run,
         assert [s for _, s in cosines] == sorted((s for _, s in cosines), reverse=True)  # both scores carried
         assert all(r["relation_score"] == pytest.approx(1 / (1 + np.exp(-r["relation_logit"])))
                    for r in report["results"])
-        assert report["timing_ms"]["rerank_ms"] > 0
+        timing = report["timing_ms"]
+        assert timing["rerank_ms"] == pytest.approx(timing["rerank_photos_ms"] + timing["rerank_pairs_ms"])
+        assert timing["rerank_photos_ms"] > 0 and timing["rerank_pairs_ms"] > 0
 
 
 def test_rerank_n_reorders_the_top_n_and_keeps_the_rest_in_index_order(model, evaluator_side):
@@ -153,3 +157,17 @@ def test_app_handler_reranks_the_top_n(model, evaluator_side):
 
     demo = build_app(model, store)  # the pair model's page has the re-rank slider
     assert "rerank" in {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+
+
+def test_rerank_bench_times_each_part_per_n(zse_run):
+    from zsbir.search.bench import main as bench_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench_main(["rerank", f"run_dir={zse_run}", "--n", "2", "7", "--sketches", "2", "--threads", "1"])
+    report = json.loads(out.getvalue())
+    assert report["sketches"] == 2 and report["model"].endswith("(tiny)")
+    for n in (2, 7):
+        assert report[f"rerank_{n}"]["pairs_per_query"] == n
+        assert {k: v["n"] for k, v in report[f"rerank_{n}"].items() if isinstance(v, dict)} == \
+            {"encode_sketch": 2, "search": 2, "rerank": 2, "rerank_photos": 2, "rerank_pairs": 2, "total": 2}

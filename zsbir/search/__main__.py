@@ -55,7 +55,8 @@ def read_sketch(path: str | Path) -> Image.Image:
 
 def search_sketch(model, store, sketch: Image.Image, top: int,
                   rerank: int = 0) -> tuple[list[dict], dict[str, float], dict]:
-    """(ranked photos, {"encode_ms", "search_ms"[, "rerank_ms"]}, re-ranking facts) for one sketch.
+    """(ranked photos, {"encode_ms", "search_ms"[, "rerank_ms" = "rerank_photos_ms" + "rerank_pairs_ms"]},
+    re-ranking facts) for one sketch.
 
     `rerank` N > 0: the index's top N are re-ordered by the model's pair scorer
     (zsbir/search/rerank.py) and the first `top` of that ranking are returned; the facts say
@@ -75,7 +76,8 @@ def search_sketch(model, store, sketch: Image.Image, top: int,
     if not rerank:
         return results, timing, {"applied": False}
     results, facts = rerank_shortlist(model, store, sequence, results, rerank)
-    timing["rerank_ms"] = facts.pop("encode_ms") + facts.pop("pair_ms")
+    timing.update(rerank_photos_ms=facts.pop("encode_ms"), rerank_pairs_ms=facts.pop("pair_ms"))
+    timing["rerank_ms"] = timing["rerank_photos_ms"] + timing["rerank_pairs_ms"]
     return results[:top], timing, {"applied": True, "top_n": facts["photos_encoded"], **facts}
 
 
