@@ -237,3 +237,7 @@ def test_rerank_on_a_model_without_a_pair_scorer_is_refused(trained_run, model, 
     assert len(refusal) == 1 and "\n" not in refusal[0]
     assert "a relation network: experiment=zse_sbir" in refusal[0] and "search without --rerank" in refusal[0]
     assert type(model.encoder).__name__ in refusal[0]
+    from zsbir.search.rerank import RerankUsageError
+
+    with pytest.raises(RerankUsageError, match="has none: search without --rerank"):  # the app's path too
+        search_cli.search_sketch(model, None, Image.open(sketch), 3, rerank=3)

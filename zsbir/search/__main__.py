@@ -64,8 +64,9 @@ def search_sketch(model, store, sketch: Image.Image, top: int,
     """
     started = time.perf_counter()
     if rerank:
-        from zsbir.search.rerank import rerank as rerank_shortlist
+        from zsbir.search.rerank import check_rerankable, rerank as rerank_shortlist
 
+        check_rerankable(model)
         vector, sequence = model.encode_sketch_with_sequence(sketch)
     else:
         vector = model.encode_sketch(sketch)
