@@ -48,7 +48,8 @@ def evaluator_side(model):
                                                                           ("photo", data.zero_photo))}
     queries, _ = embed(model.encoder, loaders["sketch"], "sketch", CPU)
     gallery, _ = embed(model.encoder, loaders["photo"], "photo", CPU)
-    sequences = {d: token_sequences(model.encoder, loader, d, CPU, dtype=torch.float32) for d, loader in loaders.items()}
+    sequences = {d: token_sequences(model.encoder, loader, d, CPU, dtype=torch.float32)
+                 for d, loader in loaders.items()}
     scorer = PairScorer(model.encoder, sequences["sketch"], sequences["photo"], CPU)
     return data, queries, gallery, scorer
 

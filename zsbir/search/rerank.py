@@ -91,8 +91,8 @@ def rerank(model, store, sketch_sequence: torch.Tensor, results: list[dict], top
     order = np.lexsort((np.array([r["id"] for r in shortlist], dtype=np.int64), -logits))
     reranked = [dict(shortlist[i], relation_logit=float(logits[i]), relation_score=sigmoid(float(logits[i])))
                 for i in order] + [dict(r, relation_logit=None, relation_score=None) for r in rest]
-    for rank, (result, index_rank) in enumerate(zip(reranked, [r["rank"] for r in reranked]), start=1):
-        result["index_rank"], result["rank"] = index_rank, rank
+    for rank, result in enumerate(reranked, start=1):
+        result["index_rank"], result["rank"] = result["rank"], rank
     return reranked, {"photos_encoded": len(shortlist), "pairs_scored": scorer.pairs_scored,
                       "encode_ms": (encoded - started) * 1e3, "pair_ms": (scored - encoded) * 1e3}
 
