@@ -227,3 +227,17 @@ def test_search_command_errors_are_one_line(trained_run, model, tmp_path, caplog
     data = load_split(model.run_cfg.data, seed=0)
     assert search_cli.main([f"run_dir={trained_run}", "index=nope", str(data.root / data.zero_sketch.paths[0])]) == 1
     assert "no index named 'nope'" in caplog.text
+
+
+def test_rerank_on_a_model_without_a_pair_scorer_is_refused(trained_run, model, caplog):
+    data = load_split(model.run_cfg.data, seed=0)
+    sketch = str(data.root / data.zero_sketch.paths[0])
+    assert search_cli.main([f"run_dir={trained_run}", sketch, "--rerank", "5"]) == 1
+    refusal = [r.getMessage() for r in caplog.records if "--rerank needs" in r.getMessage()]
+    assert len(refusal) == 1 and "\n" not in refusal[0]
+    assert "a relation network: experiment=zse_sbir" in refusal[0] and "search without --rerank" in refusal[0]
+    assert type(model.encoder).__name__ in refusal[0]
+    from zsbir.search.rerank import RerankUsageError
+
+    with pytest.raises(RerankUsageError, match="has none: search without --rerank"):  # the app's path too
+        search_cli.search_sketch(model, None, Image.open(sketch), 3, rerank=3)

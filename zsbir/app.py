@@ -1,7 +1,8 @@
 """A sketch search web app on a trained run: `python -m zsbir.app run_dir=<run> [index=<name>] [--port 7860]`.
 
 Draw a sketch on the canvas (or upload one), press Search, and see the top-K photos of
-the run's index with their class and score. Needs the `app` extra: pip install -e ".[app]".
+the run's index with their class and score. For models with a relation network
+(experiment=zse_sbir) a slider re-ranks the index's top N with it. Needs the `app` extra: pip install -e ".[app]".
 The index is the one `python -m zsbir.search` uses (built on first use for the
 unseen-class gallery); nothing leaves the machine (no analytics, no web fonts).
 """
@@ -22,6 +23,7 @@ log = logging.getLogger("zsbir.app")
 
 CANVAS = (400, 400)
 MAX_TOP = 50
+MAX_RERANK = 200  # the re-rank slider's end: N photo encodings + N pair passes per query on a CPU
 
 
 class AppError(ZsbirError):
@@ -54,29 +56,47 @@ def sketch_image(value) -> Image.Image | None:
 
 
 def search_handler(model, store):
-    """The Search button's callback: canvas value, top-K -> gallery items, status line."""
+    """The Search button's callback: canvas value, top-K[, re-rank N] -> gallery items, status line.
+
+    `rerank` N > 0 (the slider shown for models with a pair scorer) re-orders the index's
+    top N with the relation network (zsbir/search/rerank.py); captions then add its score.
+    """
     gr = import_gradio()
 
-    def run(value, top):
+    def run(value, top, rerank=0):
         sketch = sketch_image(value)
         if sketch is None:
             raise gr.Error("The canvas is empty: draw a sketch (or upload one), then press Search.")
         from zsbir.search.__main__ import search_sketch
 
         started = time.perf_counter()
-        results, timing = search_sketch(model, store, sketch, int(top))
-        gallery = [(r["path"], f"{r['class'] or '?'} · {r['score']:.3f}") for r in results]
+        results, timing, reranked = search_sketch(model, store, sketch, int(top), int(rerank or 0))
+        gallery = [(r["path"], caption(r)) for r in results]
         status = (f"{len(results)} of {len(store)} photos · sketch encoded in {timing['encode_ms']:.0f} ms, "
-                  f"searched in {timing['search_ms']:.1f} ms, {(time.perf_counter() - started) * 1e3:.0f} ms in all")
+                  f"searched in {timing['search_ms']:.1f} ms, "
+                  + (f"top {reranked['top_n']} re-ranked by the relation network in {timing['rerank_ms']:.0f} ms, "
+                     if reranked["applied"] else "")
+                  + f"{(time.perf_counter() - started) * 1e3:.0f} ms in all")
         return gallery, status
 
     return run
 
 
+def caption(result: dict) -> str:
+    """class · cosine score[ · relation score]: what a result shows under its photo."""
+    text = f"{result['class'] or '?'} · {result['score']:.3f}"
+    if result.get("relation_score") is not None:
+        text += f" · rel {result['relation_score']:.3f}"
+    return text
+
+
 def build_app(model, store, top: int = 10):
     """The Gradio Blocks of the app (not launched)."""
+    from zsbir.search.rerank import has_pair_scorer
+
     gr = import_gradio()
     meta = store.meta
+    can_rerank = has_pair_scorer(model.encoder)
     source = meta["source"].get("images") or f"{meta['source']['dataset']} / {meta['source']['list']}"
     with gr.Blocks(title="zsbir sketch search") as demo:
         gr.Markdown(f"## Sketch search\nRun `{model.run_dir.name}` ({meta.get('model')}, checkpoint "
@@ -89,12 +109,17 @@ def build_app(model, store, top: int = 10):
                                       brush=gr.Brush(default_size=6, colors=["#000000"], color_mode="fixed"))
                 top_k = gr.Slider(1, MAX_TOP, value=min(top, MAX_TOP), step=1, label="photos to show (K)",
                                   elem_id="top-k")
+                inputs = [canvas, top_k]
+                if can_rerank:  # only models with a relation network can re-rank
+                    inputs.append(gr.Slider(0, min(MAX_RERANK, len(store)), value=0, step=1, elem_id="rerank",
+                                            label="re-rank the top N with the relation network (0: off)"))
                 button = gr.Button("Search", variant="primary", elem_id="search")
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="Top photos (class · cosine score)", columns=5, height="auto",
+                scores = "cosine score · relation score" if can_rerank else "cosine score"
+                gallery = gr.Gallery(label=f"Top photos (class · {scores})", columns=5, height="auto",
                                      object_fit="contain", elem_id="results")
                 status = gr.Markdown(elem_id="status")
-        button.click(search_handler(model, store), inputs=[canvas, top_k], outputs=[gallery, status])
+        button.click(search_handler(model, store), inputs=inputs, outputs=[gallery, status])
     return demo
 
 

@@ -3,7 +3,8 @@
 
 `index=<name>` picks one of the run's indexes (default: the unseen-class gallery's, built
 on first use), `ckpt=` and `device=` as in `zsbir.eval`. `--class <name>` frames the grid's
-photos green / red by whether they are of that class (otherwise light grey).
+photos green / red by whether they are of that class (otherwise light grey). `--rerank N`
+re-orders the top N by the model's relation network (zsbir/search/rerank.py).
 """
 from __future__ import annotations
 
@@ -52,14 +53,33 @@ def read_sketch(path: str | Path) -> Image.Image:
         raise SearchUsageError(f"cannot read sketch {path} ({err}); pass a PNG or JPEG image") from None
 
 
-def search_sketch(model, store, sketch: Image.Image, top: int) -> tuple[list[dict], dict[str, float]]:
-    """(ranked photos, {"encode_ms", "search_ms"}) for one sketch."""
+def search_sketch(model, store, sketch: Image.Image, top: int,
+                  rerank: int = 0) -> tuple[list[dict], dict[str, float], dict]:
+    """(ranked photos, {"encode_ms", "search_ms"[, "rerank_ms" = "rerank_photos_ms" + "rerank_pairs_ms"]},
+    re-ranking facts) for one sketch.
+
+    `rerank` N > 0: the index's top N are re-ordered by the model's pair scorer
+    (zsbir/search/rerank.py) and the first `top` of that ranking are returned; the facts say
+    {"applied": True, "top_n", "photos_encoded", "pairs_scored"}, else {"applied": False}.
+    """
     started = time.perf_counter()
-    vector = model.encode_sketch(sketch)
+    if rerank:
+        from zsbir.search.rerank import check_rerankable, rerank as rerank_shortlist
+
+        check_rerankable(model)
+        vector, sequence = model.encode_sketch_with_sequence(sketch)
+    else:
+        vector = model.encode_sketch(sketch)
     encoded = time.perf_counter()
-    results = store.search(vector, top)
+    results = store.search(vector, max(top, rerank))
     done = time.perf_counter()
-    return results, {"encode_ms": (encoded - started) * 1e3, "search_ms": (done - encoded) * 1e3}
+    timing = {"encode_ms": (encoded - started) * 1e3, "search_ms": (done - encoded) * 1e3}
+    if not rerank:
+        return results, timing, {"applied": False}
+    results, facts = rerank_shortlist(model, store, sequence, results, rerank)
+    timing.update(rerank_photos_ms=facts.pop("encode_ms"), rerank_pairs_ms=facts.pop("pair_ms"))
+    timing["rerank_ms"] = timing["rerank_photos_ms"] + timing["rerank_pairs_ms"]
+    return results[:top], timing, {"applied": True, "top_n": facts["photos_encoded"], **facts}
 
 
 def write_grid(sketch: Image.Image, results: list[dict], out: Path, caption: str, query_class: str | None = None,
@@ -74,12 +94,19 @@ def write_grid(sketch: Image.Image, results: list[dict], out: Path, caption: str
     return out
 
 
-def format_results(sketch: str, store, results: list[dict], timing: dict) -> str:
+def format_results(sketch: str, store, results: list[dict], timing: dict, rerank: dict) -> str:
+    reranked = (f"; top {rerank['top_n']} re-ranked by the relation network in {timing['rerank_ms']:.0f} ms"
+                if rerank["applied"] else "")
     lines = [f"{sketch}: top {len(results)} of {len(store)} photos (index {store.folder.name}, {store.meta['kind']}; "
-             f"sketch encoded in {timing['encode_ms']:.1f} ms, searched in {timing['search_ms']:.2f} ms)",
-             f"{'rank':>4}  {'score':>7}  {'class':<20}  photo"]
+             f"sketch encoded in {timing['encode_ms']:.1f} ms, searched in {timing['search_ms']:.2f} ms{reranked})",
+             f"{'rank':>4}  {'score':>7}  " + (f"{'relation':>8}  {'index':>5}  " if rerank["applied"] else "")
+             + f"{'class':<20}  photo"]
     for r in results:
-        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {str(r['class'] or '-'):<20}  {r['path']}")
+        pair = ""
+        if rerank["applied"]:  # relation score (sigmoid of the logit; '-' after the shortlist), cosine rank
+            pair = (f"{r['relation_score']:>8.4f}" if r["relation_logit"] is not None else f"{'-':>8}") \
+                + f"  {r['index_rank']:>5}  "
+        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {pair}{str(r['class'] or '-'):<20}  {r['path']}")
     return "\n".join(lines)
 
 
@@ -90,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--grid", type=Path, help="write a grid PNG (one sketch: this file; several: <stem>-<n>.png)")
     parser.add_argument("--class", dest="query_class", help="the sketch's class, to frame the grid's photos green/red")
+    parser.add_argument("--rerank", type=int, default=0, metavar="N",
+                        help="re-order the index's top N by the model's pair scorer (relation network, "
+                             "experiment=zse_sbir): N photo encodings + N pair passes per sketch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
     return run_cli(lambda: search(args), log)
@@ -104,22 +134,28 @@ def search(args: argparse.Namespace) -> None:
         raise SearchUsageError("no sketch given: python -m zsbir.search run_dir=<run> <sketch.png>")
     if args.top < 1:
         raise SearchUsageError(f"--top {args.top}: ask for at least 1 photo")
+    if args.rerank < 0:
+        raise SearchUsageError(f"--rerank {args.rerank}: give the number of top photos to re-rank (0: off)")
     from zsbir.search.build import find_index
     from zsbir.search.model import load_run_model
 
     images = [read_sketch(s) for s in sketches]
     model = load_run_model(settings["run_dir"], settings.get("ckpt", "best"), settings.get("device", "cpu"))
+    if args.rerank:
+        from zsbir.search.rerank import check_rerankable
+
+        check_rerankable(model)
     store = find_index(model, settings.get("index"))
     report = []
     for n, (path, image) in enumerate(zip(sketches, images)):
-        results, timing = search_sketch(model, store, image, args.top)
-        entry = {"sketch": path, "index": str(store.folder), "results": results, "timing_ms": timing}
+        results, timing, rerank = search_sketch(model, store, image, args.top, args.rerank)
+        entry = {"sketch": path, "index": str(store.folder), "rerank": rerank, "results": results, "timing_ms": timing}
         if args.grid:
             out = args.grid if len(sketches) == 1 else args.grid.with_name(f"{args.grid.stem}-{n}{args.grid.suffix}")
             entry["grid"] = str(write_grid(image, results, out, f"query: {Path(path).name}", args.query_class))
         report.append(entry)
         if not args.json:
-            print(format_results(path, store, results, timing))
+            print(format_results(path, store, results, timing, rerank))
     if args.json:
         print(json.dumps(report if len(report) > 1 else report[0], indent=1))
 

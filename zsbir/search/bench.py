@@ -5,6 +5,9 @@
 - `run run_dir=<run>`: a trained run's unseen-class gallery: index build throughput,
   per-sketch encoding and search time, and the mean P@10 of 20 test sketches searched
   through the index beside the evaluator's P@10 for the same sketches.
+- `rerank run_dir=<run> --n 10 50`: a pair model's (experiment=zse_sbir) `--rerank N` per
+  query: sketch pass, index search and re-ranking (N photo encodings + N pair passes)
+  times (p50, p95) for each N.
 - `app run_dir=<run>`: the web app in headless Chromium: click-to-results round trip
   (p50, p95) of drawn sketches; `--screenshot <png>` keeps a picture of the page.
 """
@@ -131,6 +134,39 @@ def bench_run(args) -> dict:
     return report
 
 
+def bench_rerank(args) -> dict:
+    import torch
+    from PIL import Image
+
+    from zsbir.search.__main__ import search_sketch
+    from zsbir.search.build import find_index
+    from zsbir.search.model import load_run_model
+    from zsbir.search.rerank import check_rerankable
+
+    torch.set_num_threads(args.threads)
+    model = load_run_model(args.run_dir)
+    check_rerankable(model)
+    store = find_index(model)
+    data, picked = twenty_sketches(model)
+    sketches = [Image.open(data.root / data.zero_sketch.paths[q]).convert("RGB") for q in picked[:args.sketches]]
+    search_sketch(model, store, sketches[0], 1, rerank=1)  # the first forward passes allocate; not a query's cost
+    report = {"gallery": len(store), "threads": args.threads, "sketches": len(sketches),
+              "model": f"{model.run_cfg.model.arch}{' (tiny)' if model.run_cfg.model.get('tiny') else ''}",
+              "image_size": model.image_size}
+    for n in args.n:
+        times = {"encode_sketch": [], "search": [], "rerank": [], "rerank_photos": [], "rerank_pairs": [], "total": []}
+        for sketch in sketches:
+            started = time.perf_counter()
+            _, timing, facts = search_sketch(model, store, sketch, 10, rerank=n)
+            times["total"].append(time.perf_counter() - started)
+            for key in times:
+                if key != "total":
+                    times[key].append(timing[f"{key.replace('encode_sketch', 'encode')}_ms"] / 1e3)
+        report[f"rerank_{n}"] = {key: percentiles(values) for key, values in times.items()}
+        report[f"rerank_{n}"]["pairs_per_query"] = facts["pairs_scored"]
+    return report
+
+
 def bench_app(args) -> dict:
     from zsbir.app import build_app, launch
     from zsbir.search.browser import draw_square_and_search, find_browser, free_port, start_chromium
@@ -171,15 +207,19 @@ def main(argv: list[str] | None = None) -> None:
     vectors.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 256])
     vectors.add_argument("--hnsw-m", type=int, default=32)
     vectors.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
-    for name in ("run", "app"):
+    for name in ("run", "app", "rerank"):
         p = sub.add_parser(name)
         p.add_argument("run_dir", type=lambda s: s.split("=", 1)[1] if s.startswith("run_dir=") else s)
-        p.add_argument("--repeats", type=int, default=3 if name == "run" else 10)
-    sub.choices["run"].add_argument("--threads", type=int, default=2)
+        if name != "rerank":
+            p.add_argument("--repeats", type=int, default=3 if name == "run" else 10)
+        if name != "app":
+            p.add_argument("--threads", type=int, default=2)
+    sub.choices["rerank"].add_argument("--n", type=int, nargs="+", default=[10, 50], help="shortlist sizes")
+    sub.choices["rerank"].add_argument("--sketches", type=int, default=5, help="queries per N (of the 20 picked)")
     sub.choices["app"].add_argument("--top", type=int, default=10)
     sub.choices["app"].add_argument("--screenshot")
     args = parser.parse_args(argv)
-    report = {"vectors": bench_vectors, "run": bench_run, "app": bench_app}[args.what](args)
+    report = {"vectors": bench_vectors, "run": bench_run, "app": bench_app, "rerank": bench_rerank}[args.what](args)
     print(json.dumps(report, indent=1))
 
 

@@ -1,6 +1,7 @@
 """A trained run's encoder, ready to embed photos for an index and sketches for a query.
 
-`embed_batch` is the one place that runs the network: when the evaluation code gets a
+`run_encoder` is the one place that runs the network (`embed_batch` normalises its
+embeddings; re-ranking also reads its token sequences): when the evaluation code gets a
 single `Evaluator`, this is the function to point at it.
 """
 from __future__ import annotations
@@ -50,6 +51,12 @@ class RunModel:
         batch = self.transforms["sketch"](image).unsqueeze(0)
         return embed_batch(self, batch, "sketch")[0]
 
+    def encode_sketch_with_sequence(self, image: Image.Image) -> tuple[np.ndarray, torch.Tensor]:
+        """(unit vector, 1 x tokens x width float32 "sequence" on the CPU) of one sketch, in ONE
+        forward pass: what a pair scorer re-ranks with (zsbir/search/rerank.py)."""
+        out = run_encoder(self, self.transforms["sketch"](image).unsqueeze(0), "sketch")
+        return unit_embeddings(out)[0], out["sequence"].float().cpu()
+
 
 def load_run_model(run_dir: str | Path, ckpt: str = "best", device: str = "cpu",
                    precision: str | None = None) -> RunModel:
@@ -94,10 +101,19 @@ def embed_batch(model: RunModel, images: torch.Tensor, domain: str) -> np.ndarra
     Normalised exactly as the evaluator's cosine ranking does (F.normalize in float32), so
     inner products in the index are the evaluator's cosine scores.
     """
+    return unit_embeddings(run_encoder(model, images, domain))
+
+
+@torch.no_grad()
+def run_encoder(model: RunModel, images: torch.Tensor, domain: str) -> dict:
+    """The encoder's outputs for a batch, at the run's precision."""
     images = images.to(model.device)
     with torch.autocast(model.device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None):
-        out = model.encoder(images, domain)["embedding"]
-    return F.normalize(out.float(), dim=1).cpu().numpy().astype(np.float32, copy=False)
+        return model.encoder(images, domain)
+
+
+def unit_embeddings(out: dict) -> np.ndarray:
+    return F.normalize(out["embedding"].float(), dim=1).cpu().numpy().astype(np.float32, copy=False)
 
 
 class _ImageFiles(Dataset):
