@@ -68,10 +68,13 @@ def test_rerank_of_the_whole_gallery_is_the_exhaustive_relation_ranking(zse_run,
     reports = json.loads(capsys.readouterr().out)
     for q, report in zip(picked, reports):
         logits = exhaustive_scores(scorer, torch.tensor([q]))[0]
-        expected = torch.sort(logits, descending=True, stable=True).indices.tolist()
-        assert [r["id"] for r in report["results"]] == expected, f"query {q}"
-        np.testing.assert_allclose([r["relation_logit"] for r in report["results"]], logits[expected].numpy(),
-                                   rtol=1e-5, atol=1e-6)
+        ids = [r["id"] for r in report["results"]]
+        assert sorted(ids) == list(range(n)), f"query {q}"
+        # Search encodes the photos in another batching than the evaluator: logits agree to ~1e-6,
+        # so the order must be the exhaustive ranking's up to swaps of such near-ties.
+        reference = logits[ids].numpy()
+        assert np.all(np.diff(reference) <= 1e-5), f"query {q}: not in relation-logit order"
+        np.testing.assert_allclose([r["relation_logit"] for r in report["results"]], reference, rtol=1e-5, atol=1e-6)
         assert report["rerank"] == {"applied": True, "top_n": n, "photos_encoded": n, "pairs_scored": n}
         assert sorted(r["index_rank"] for r in report["results"]) == list(range(1, n + 1))
         cosines = sorted(((r["index_rank"], r["score"]) for r in report["results"]))
