@@ -16,3 +16,20 @@ def train_smoke_run(out: Path, *overrides: str) -> Path:
         cfg = compose("train", overrides=[f"paths.output_dir={out}", *SMOKE, *overrides])
     run(cfg, str(out / "run"))
     return out / "run"
+
+
+def fixed_batch_losses(trainer, steps: int = 8) -> tuple[list[float], list[dict]]:
+    """Train `steps` steps on the loader's first batch; (total losses, each step's logs).
+
+    The "loss goes down on a fixed batch" check of every preset: the trainer's own step, with its
+    auxiliary passes and all loss terms, repeated on one batch."""
+    trainer.loss_set.on_train_start(trainer.ctx, trainer.data.seen_classes)
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.train_loader))
+    losses, history = [], []
+    for _ in range(steps):
+        logs = trainer.train_step(batch)
+        trainer.step += 1
+        losses.append(float(logs["loss"]))
+        history.append(logs)
+    return losses, history

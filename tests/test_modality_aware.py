@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.smokerun import fixed_batch_losses
 from zsbir.losses.base import LossContext
 from zsbir.models.encoder import EncoderOutput
 from zsbir.models.modality_aware import MODALITY_IDS, ModalityAwareCLIP
@@ -130,14 +131,8 @@ def test_total_loss_goes_down_on_a_fixed_batch(compose_cfg, tmp_path):
     cfg = compose_cfg(*SMOKE, "trainer.max_steps=200", "model.clip_lr=1e-3", "optim.lr=5e-2",
                       "data.by_dataset.synthetic.stream_batch.sketch=16", "data.by_dataset.synthetic.stream_batch.photo=16")
     trainer = Trainer(cfg, tmp_path / "run")
-    trainer.sampler.set_epoch(0)
-    batch = next(iter(trainer.train_loader))
-    losses = []
-    for _ in range(8):
-        logs = trainer.train_step(batch)
-        trainer.step += 1
-        losses.append(float(logs["loss"]))
-        assert set(trainer.loss_set.terms) <= {k.removeprefix("loss/") for k in logs}
+    losses, history = fixed_batch_losses(trainer)
+    assert all(set(trainer.loss_set.terms) <= {k.removeprefix("loss/") for k in logs} for logs in history)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.95 * losses[0], losses
     groups = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
