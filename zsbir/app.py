@@ -92,7 +92,7 @@ def caption(result: dict) -> str:
 
 def build_app(model, store, top: int = 10):
     """The Gradio Blocks of the app (not launched)."""
-    from zsbir.search.rerank import has_pair_scorer
+    from zsbir.eval.rerank import has_pair_scorer
 
     gr = import_gradio()
     meta = store.meta

@@ -529,9 +529,9 @@ class Trainer:
             "retrieval_grids": [str(p.relative_to(self.run_dir)) for p in grids],
             "warnings": self.warnings,
         }
-        untrained = {"untrained network": self.metrics_before} if self.metrics_before else {}
-        if self.evaluation_only:
-            untrained = {}  # the same evaluation: one row
+        # an evaluation-only run has one row: its "before" is the evaluation itself
+        untrained = ({"untrained network": self.metrics_before} if self.metrics_before and not self.evaluation_only
+                     else {})
         table = self.evaluator.tables(results, evaluated, untrained)
         if self.rerank:  # relation-network mode, beside the retrieval-mode metrics
             result[RESULT_KEY] = evaluate_rerank(self.evaluator, self.encoder, embeddings, self.rerank)

@@ -73,8 +73,13 @@ def rerank_settings(eval_cfg) -> dict | None:
     return settings
 
 
+def has_pair_scorer(encoder) -> bool:
+    """Whether the model scores (sketch, photo) pairs itself (a relation network: `relation_logits`)."""
+    return callable(getattr(encoder, "relation_logits", None))
+
+
 def check_pair_model(encoder) -> None:
-    if not callable(getattr(encoder, "relation_logits", None)):
+    if not has_pair_scorer(encoder):
         raise RerankError(f"eval.rerank needs a model with a relation network (model=zse_sbir); "
                           f"{type(encoder).__name__} has none: set eval.rerank.mode=null")
 

@@ -24,17 +24,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from zsbir.errors import ZsbirError
-from zsbir.eval.rerank import PairScorer, token_sequences
+from zsbir.eval.rerank import PairScorer, has_pair_scorer, token_sequences
 
 DEFAULT_PAIR_BATCH = 128  # as eval.rerank.pair_batch
 
 
 class RerankUsageError(ZsbirError):
     """Re-ranking was asked of a model or index that cannot do it; the message names the fix."""
-
-
-def has_pair_scorer(encoder) -> bool:
-    return callable(getattr(encoder, "relation_logits", None))
 
 
 def check_rerankable(model) -> None:
