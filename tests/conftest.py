@@ -12,6 +12,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 
+from ci_guard import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (hooks: a skip fails in CI)
+
+pytest_plugins = ["pytester"]
+
 # The public split files: ../shared/splits beside the repository (CI), or ZSBIR_SHARED_SPLITS
 # (a checkout elsewhere, e.g. a git worktree).
 SHARED_SPLITS = Path(os.environ.get("ZSBIR_SHARED_SPLITS") or Path(__file__).resolve().parents[2] / "shared" / "splits")
