@@ -75,7 +75,10 @@ def steps_per_epoch(cfg) -> int:
     if cfg.data.sampler == "streams":
         steps = min(sketches // int(cfg.data.stream_batch.sketch), photos // int(cfg.data.stream_batch.photo))
     else:
-        steps = sketches // int(cfg.data.batch_size)
+        balanced = cfg.data.get("balanced")
+        batch = (int(balanced.classes_per_batch) * int(balanced.items_per_class) if balanced
+                 else int(cfg.data.batch_size))
+        steps = sketches // batch
     limit = cfg.trainer.get("limit_train_batches")  # a preset's fixed epoch length (ZSE-SBIR: 666)
     return min(steps, int(limit)) if limit else steps
 

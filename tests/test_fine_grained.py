@@ -177,25 +177,54 @@ def out(vectors) -> dict:
     return {"embedding": torch.tensor(vectors, dtype=torch.float32)}
 
 
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def _softmax(xs):
+    e = [math.exp(x) for x in xs]
+    return [v / sum(e) for v in e]
+
+
 def test_relative_distance_regulariser_hand_computed():
     from zsbir.losses.fine_grained import RelativeDistanceRegulariser
 
-    # cosine distances: triplet 1 d+ = 0, d- = 1; triplet 2 d+ = 1, d- = 1; triplet 3 d+ = 0, d- = 2
-    outputs = {"sketch": out([[1, 0], [1, 0], [1, 0]]), "photo_pos": out([[1, 0], [0, 1], [1, 0]]),
-               "photo_neg": out([[0, 1], [0, 1], [-1, 0]])}
-    batch = {"label": torch.tensor([0, 0, 1])}
-    # per category: delta_0 = (1 + 0) / 2 = 0.5, delta_1 = 2; q = softmax([0.5, 2]);
-    # KL(q || uniform) = q0 ln(2 q0) + q1 ln(2 q1), q0 = 1 / (1 + e^1.5) = 0.182426
-    q0 = 1 / (1 + math.exp(1.5))
-    expected = q0 * math.log(2 * q0) + (1 - q0) * math.log(2 * (1 - q0))
-    assert expected == pytest.approx(0.21809, abs=1e-5)
-    value = RelativeDistanceRegulariser()(batch, outputs, None)
-    assert float(value) == pytest.approx(expected, abs=1e-6)
-    # equal separation in every category: nothing to regularise
-    outputs["photo_neg"] = out([[0, 1], [-1, 0], [0, 1]])  # delta = 1, 1, 1
+    # cosine distances, delta = d(s, p+) - d(s, p-):
+    # category 0: (0 - 1) = -1, (1 - 1) = 0;  category 1: (0 - 2) = -2, (1 - 1) = 0
+    outputs = {"sketch": out([[1, 0]] * 4), "photo_pos": out([[1, 0], [0, 1], [1, 0], [0, 1]]),
+               "photo_neg": out([[0, 1], [0, 1], [-1, 0], [0, 1]])}
+    batch = {"label": torch.tensor([0, 0, 1, 1])}
+    d0, d1 = _softmax([-1, 0]), _softmax([-2, 0])
+    expected = (_kl(d0, d1) + _kl(d1, d0)) / 2
+    assert expected == pytest.approx(0.07487, abs=1e-5)
+    assert float(RelativeDistanceRegulariser()(batch, outputs, None)) == pytest.approx(expected, abs=1e-6)
+    # the temperature divides delta before the softmax
+    d0, d1 = _softmax([-0.5, 0]), _softmax([-1, 0])
+    value = RelativeDistanceRegulariser(temperature=2.0)(batch, outputs, None)
+    assert float(value) == pytest.approx((_kl(d0, d1) + _kl(d1, d0)) / 2, abs=1e-6)
+    # the same distribution in every category (here shifted by a constant): nothing to regularise
+    outputs["photo_pos"] = out([[1, 0], [0, 1], [0, 1], [-1, 0]])  # delta = -1, 0 | 0, 1
+    outputs["photo_neg"] = out([[0, 1], [0, 1], [0, 1], [0, 1]])
     assert float(RelativeDistanceRegulariser()(batch, outputs, None)) == pytest.approx(0.0, abs=1e-7)
-    single = RelativeDistanceRegulariser()({"label": torch.tensor([4, 4, 4])}, outputs, None)
+    single = RelativeDistanceRegulariser()({"label": torch.tensor([4, 4, 4, 4])}, outputs, None)
     assert float(single) == 0.0
+
+
+def test_relative_distance_regulariser_matches_a_loop_over_category_pairs():
+    """Labels interleaved and counts unequal: each category's first N triplets in batch order."""
+    from zsbir.losses.fine_grained import RelativeDistanceRegulariser
+
+    g = torch.Generator().manual_seed(3)
+    labels = [2, 0, 1, 2, 0, 1, 1, 2, 0, 2]  # category 2 has 4 triplets, the others 3: N = 3
+    sketch, pos, neg = (torch.randn(len(labels), 5, generator=g, dtype=torch.float64) for _ in range(3))
+    outputs = {"sketch": {"embedding": sketch}, "photo_pos": {"embedding": pos}, "photo_neg": {"embedding": neg}}
+    value = RelativeDistanceRegulariser()({"label": torch.tensor(labels)}, outputs, None)
+
+    cos = torch.nn.functional.cosine_similarity
+    delta = ((1 - cos(sketch, pos)) - (1 - cos(sketch, neg))).tolist()
+    dists = {c: _softmax([delta[i] for i, l in enumerate(labels) if l == c][:3]) for c in (0, 1, 2)}
+    pairs = [(a, b) for a in dists for b in dists if a != b]
+    assert float(value) == pytest.approx(sum(_kl(dists[a], dists[b]) for a, b in pairs) / len(pairs), rel=1e-9)
 
 
 def test_patch_shuffle_loss_hand_computed():
@@ -284,7 +313,8 @@ def test_sketch_lvm_fg_smoke_run_writes_fg_metrics(tmp_path):
 
     run = train_smoke_run(tmp_path, "experiment=sketch_lvm_fg", "data=synthetic_fg", f"data.cache_dir={tmp_path}",
                           "data.synthetic_fg.seen_classes=6", "data.synthetic_fg.unseen_classes=3",
-                          "data.synthetic_fg.photos_per_class=4")
+                          "data.synthetic_fg.photos_per_class=4",
+                          "data.balanced.classes_per_batch=4", "data.balanced.items_per_class=2")
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["fg"]) == {"acc_1", "acc_5", "n_queries", "n_gallery"}
     assert 0.0 <= metrics["fg"]["acc_1"] <= metrics["fg"]["acc_5"] <= 1.0

@@ -270,6 +270,21 @@ def test_clip_prompts_are_per_domain(depth):
             assert not torch.allclose(encoder(images, "sketch")["embedding"], sketch)
 
 
+def test_clip_shared_prompts_are_one_parameter_for_both_domains():
+    """Sketch_LVM's fine-grained model: one common prompt set, trained by sketches and photos alike."""
+    encoder = tiny("clip_prompt", 32, "shared_prompts=true").eval()
+    assert encoder.photo_prompts is None
+    assert _trainable(encoder) == {"sketch_prompts"} | LAYER_NORMS
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images, "photo")["embedding"], encoder(images, "sketch")["embedding"])
+    encoder(images, "photo")["embedding"].sum().backward()
+    assert encoder.sketch_prompts.grad is not None and encoder.sketch_prompts.grad.abs().sum() > 0
+    groups = {g["name"]: g["params"] for g in encoder.param_groups(lr=0.5)}
+    assert [p is encoder.sketch_prompts for p in groups["prompts"]] == [True]
+    assert "photo_prompts" not in encoder.state_dict() and "sketch_prompts" in encoder.state_dict()
+
+
 def test_clip_text_embeddings_are_cached_frozen_and_clean_names():
     encoder = tiny("clip_prompt", 32)
     calls = []

@@ -4,21 +4,21 @@ The instance-level triplet is the `triplet` term on instance triplets (data.samp
 the positive is the sketch's own photo, the negative another photo of its category). This
 module adds the paper's two fine-grained objectives:
 
-- `RelativeDistanceRegulariser`: the paper asks that the relative sketch-photo separation be
-  uniform across categories, because a single triplet margin leaves some categories far
-  better separated than others. Our reading (the paper gives the aim and a KL-divergence to
-  a uniform distribution; the exact per-category statistic is our choice, docs/methods.md):
-  per category c in the batch, delta_c = mean over its triplets of d(s, p_neg) - d(s, p_pos);
-  q = softmax(delta / temperature) over the categories; L = KL(q || uniform)
-  = sum_c q_c log(q_c * C). Zero when every category is equally separated.
+- `RelativeDistanceRegulariser` (the paper's L_delta, its Eq. 4 as quoted in
+  docs/methods.md): a single triplet margin leaves some categories far better separated
+  than others, so the distributions of relative distances are made alike across
+  categories. For each triplet delta = d(s, p_pos) - d(s, p_neg); for each category c of
+  the batch D_c = softmax(delta_c / temperature) over its N triplets (the paper: plain
+  softmax, temperature 1); L = mean over ordered pairs c != c' of KL(D_c || D_c').
+  Comparing D_c with D_c' needs the same N in every category: batches from
+  `data.balanced` (P categories x K sketches) have it; otherwise each category's first
+  N = (smallest count) triplets in batch order are used.
 - `PatchShuffleLoss`: a sketch and its photo cut into patches and shuffled with the SAME
   permutation are a positive pair, the photo shuffled with a DIFFERENT permutation the
   negative: mean(max(0, margin + d(s^A, p^A) - d(s^A, p^B))). The shuffled images are
   encoded by the auxiliary pass `PatchShufflePass` (zsbir/models/auxiliary.py).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -47,21 +47,28 @@ class RelativeDistanceRegulariser(LossTerm):
 
     def forward(self, batch: dict, outputs: dict, ctx: LossContext) -> torch.Tensor:
         anchor = outputs["sketch"]["embedding"]
-        delta = (paired_distance(anchor, outputs["photo_neg"]["embedding"], self.distance)
-                 - paired_distance(anchor, outputs["photo_pos"]["embedding"], self.distance))
-        categories, which = torch.unique(batch["label"], return_inverse=True)
+        delta = (paired_distance(anchor, outputs["photo_pos"]["embedding"], self.distance)
+                 - paired_distance(anchor, outputs["photo_neg"]["embedding"], self.distance))
+        categories, which = torch.unique(batch["label"].to(delta.device), return_inverse=True)
         if len(categories) < 2:
-            return delta.sum() * 0.0  # one category: nothing to make uniform (keeps the graph)
-        sums = torch.zeros(len(categories), dtype=delta.dtype, device=delta.device).index_add_(0, which, delta)
-        counts = torch.bincount(which, minlength=len(categories)).to(delta.dtype)
-        log_q = F.log_softmax(sums / counts / self.temperature, dim=0)
-        return (log_q.exp() * (log_q + math.log(len(categories)))).sum()
+            return delta.sum() * 0.0  # one category: nothing to compare (keeps the graph)
+        counts = torch.bincount(which, minlength=len(categories))
+        n = int(counts.min())
+        # rows: the categories; columns: their first n triplets in batch order
+        by_category = torch.argsort(which, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        table = delta[by_category[starts[:, None] + torch.arange(n, device=delta.device)[None, :]]]
+        log_d = F.log_softmax(table / self.temperature, dim=1)
+        # kl[i, j] = KL(D_i || D_j); the diagonal is exactly 0
+        kl = (log_d.exp()[:, None, :] * (log_d[:, None, :] - log_d[None, :, :])).sum(dim=2)
+        c = len(categories)
+        return kl.sum() / (c * (c - 1))
 
 
 class PatchShuffleLoss(LossTerm):
     views = ("sketch", "photo_pos")
 
-    def __init__(self, margin: float = 0.2, distance: str = "cosine", grid: int = 2):
+    def __init__(self, margin: float = 0.3, distance: str = "cosine", grid: int = 2):
         super().__init__()
         _check("patch_shuffle", margin, distance)
         if int(grid) < 2:

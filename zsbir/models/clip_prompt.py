@@ -2,7 +2,8 @@
 
 open_clip `ViT-B-32-quickgelu` with the OpenAI weights (QuickGELU is what OpenAI
 trained with; the plain `ViT-B-32` config uses nn.GELU and silently differs). One image
-tower serves both domains; the domain picks its own prompt tokens (n_prompts x width),
+tower serves both domains; the domain picks its own prompt tokens (n_prompts x width), or
+with `shared_prompts` both domains use one common set (Sketch_LVM's fine-grained model),
 appended after the CLS and patch tokens, after the positional embedding and before
 `ln_pre` (shallow), or in addition replaced by fresh prompts at the input of every later
 block (`prompt_depth: deep`, VPT-deep style).
@@ -44,6 +45,7 @@ class CLIPPromptEncoder(Encoder):
         n_prompts: int = 3,
         prompt_depth: str = "shallow",
         prompt_init_std: float = 1.0,
+        shared_prompts: bool = False,
         trainable: str = "prompts_ln",
         prompt_lr: float | None = 1e-4,
         ln_lr: float | None = 1e-6,
@@ -73,8 +75,12 @@ class CLIPPromptEncoder(Encoder):
 
         width = visual.conv1.out_channels
         depth = len(visual.transformer.resblocks) if self.deep else 1
+        # One parameter per prompt set: with shared_prompts the photo domain uses the sketch's
+        # (a single `sketch_prompts` tensor in the checkpoint, one entry in the optimizer).
+        self.shared_prompts = bool(shared_prompts)
         self.sketch_prompts = nn.Parameter(torch.randn(depth, n_prompts, width) * prompt_init_std)
-        self.photo_prompts = nn.Parameter(torch.randn(depth, n_prompts, width) * prompt_init_std)
+        self.photo_prompts = (None if self.shared_prompts
+                              else nn.Parameter(torch.randn(depth, n_prompts, width) * prompt_init_std))
 
         self.clip.requires_grad_(False)
         if trainable == "full":
@@ -99,7 +105,7 @@ class CLIPPromptEncoder(Encoder):
 
     def encode(self, images: torch.Tensor, domain: str) -> EncoderOutput:
         visual = self.clip.visual
-        prompts = self.sketch_prompts if domain == "sketch" else self.photo_prompts
+        prompts = self.sketch_prompts if domain == "sketch" or self.shared_prompts else self.photo_prompts
         batch = images.shape[0]
         x = visual.conv1(images.to(visual.conv1.weight.dtype))
         x = x.reshape(batch, x.shape[1], -1).permute(0, 2, 1)  # B x patches x width
@@ -123,7 +129,7 @@ class CLIPPromptEncoder(Encoder):
         return block(x)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        prompts = [self.sketch_prompts, self.photo_prompts]
+        prompts = [p for p in (self.sketch_prompts, self.photo_prompts) if p is not None]
         ln_ids = {id(p) for m in self.layer_norms() for p in m.parameters()}
         layer_norm = [p for m in self.layer_norms() for p in m.parameters() if p.requires_grad]
         rest = [p for p in self.clip.visual.parameters() if p.requires_grad and id(p) not in ln_ids]
