@@ -41,6 +41,7 @@ class SplitData:
     zero_sketch: FileList  # unseen-class queries
     zero_photo: FileList  # unseen-class gallery
     pixels: PreResizedImages | None = None  # the pre-resized image cache (data.preresized_folder), if any
+    split_dir: Path | None = None  # the benchmark's split folder (class masks etc.); None for a generated one
 
     def counts(self) -> dict[str, int]:
         return {
@@ -210,8 +211,10 @@ def load_split(data_cfg, seed: int = 0) -> SplitData:
     gallery_size = min(len(train_photo), int(data_cfg.val_gallery_size))
     val_photo = _subset(train_photo, rng.permutation(len(train_photo))[:gallery_size],
                         f"{train_photo.source} (validation gallery of {gallery_size})")
+    generated = data_cfg.get("synthetic") or data_cfg.get("synthetic_fg")  # they ship no split files of their own
     data = SplitData(str(data_cfg.name), root, seen, unseen, train_sketch, train_photo, val_sketch, val_photo,
-                     lists["zero_sketch"], lists["zero_photo"], pixels)
+                     lists["zero_sketch"], lists["zero_photo"], pixels,
+                     split_dir=None if generated else root / str(data_cfg.split_dir))
     if cap:
         for key in ("train_sketch", "train_photo", "val_sketch", "val_photo", "zero_sketch", "zero_photo"):
             setattr(data, key, cap_per_class(getattr(data, key), int(cap), seed))

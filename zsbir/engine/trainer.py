@@ -195,10 +195,7 @@ class Trainer:
         self.callbacks = default_callbacks(cfg)
         self.ctx = LossContext(step=self.step, total_steps=self.total_steps, epoch=self.epoch, encoder=self.encoder,
                                steps_per_epoch=self.steps_per_epoch,
-                               class_names=self.data.seen_classes,
-                               # the generated benchmark ships no split files of its own (e.g. no class mask)
-                               split_dir=(None if cfg.data.get("synthetic") or cfg.data.get("synthetic_fg")
-                                          else self.data.root / str(cfg.data.split_dir)))
+                               class_names=self.data.seen_classes, split_dir=self.data.split_dir)
         # Before resuming (and before any work: a term may reject the config), so that a resumed
         # run starts the terms exactly as the first run did (same weights, same RNG draws), and
         # their saved state then overrides what this built.

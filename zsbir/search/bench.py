@@ -49,8 +49,34 @@ def time_queries(index, queries: np.ndarray, k: int = 10) -> tuple[dict, np.ndar
     return percentiles(seconds), np.stack(found)
 
 
+def built_index(faiss, params, gallery: np.ndarray, index_file: str | None, kind: str):
+    """(index, build seconds). With --index-file the graph / lists built once are written there and
+    read back by later runs (a 1M x 512 HNSW graph takes most of an hour to build on 2 cores), so
+    the query timings can be re-taken on an idle machine; the first build's seconds are kept beside it."""
+    from pathlib import Path
+
+    from zsbir.search.store import make_index
+
+    path = Path(f"{index_file}.{kind}") if index_file else None
+    built_with = {"kind": params.kind, "M": params.hnsw_m, "efConstruction": params.ef_construction,
+                  "nlist": params.nlist, "seed": params.seed, "n": len(gallery), "dim": int(gallery.shape[1])}
+    if path is not None and path.is_file():
+        stored = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+        if stored["built_with"] != built_with:
+            raise SystemExit(f"{path} was built with {stored['built_with']}, not {built_with}: "
+                             "delete it or pass another --index-file")
+        return faiss.read_index(str(path)), stored["build_s"]
+    started = time.perf_counter()
+    index = make_index(params, gallery)
+    build = time.perf_counter() - started
+    if path is not None:
+        faiss.write_index(index, str(path))
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps({"built_with": built_with, "build_s": build}))
+    return index, build
+
+
 def bench_vectors(args) -> dict:
-    from zsbir.search.store import IndexParams, import_faiss, make_index
+    from zsbir.search.store import IndexParams, import_faiss
 
     faiss = import_faiss()
     gallery = random_unit(args.n, args.dim, seed=0)
@@ -59,13 +85,12 @@ def bench_vectors(args) -> dict:
     exact = faiss.IndexFlatIP(args.dim)
     exact.add(gallery)
     report["exact"], truth = time_queries(exact, queries)
+    print(json.dumps({"exact": report["exact"]}), flush=True)
     del exact
     for kind in args.kinds:
         params = IndexParams(kind, hnsw_m=args.hnsw_m, ef_search=args.ef_search[0], nlist=args.nlist,
-                             nprobe=args.nprobe[0])
-        started = time.perf_counter()
-        index = make_index(params, gallery)
-        build = time.perf_counter() - started
+                             nprobe=args.nprobe[0], ef_construction=args.ef_construction)
+        index, build = built_index(faiss, params, gallery, args.index_file, kind)
         sweep = args.nprobe if kind == "ivf" else args.ef_search
         for value in sweep:
             if kind == "ivf":
@@ -76,7 +101,8 @@ def bench_vectors(args) -> dict:
             recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]))
             setting = f"nprobe={value}" if kind == "ivf" else f"efSearch={value}"
             report[f"{kind} {setting}"] = {**timing, "recall@10": round(recall, 4), "build_s": round(build, 1),
-                                           **({"nlist": index.nlist} if kind == "ivf" else {"M": args.hnsw_m})}
+                                           **({"nlist": index.nlist} if kind == "ivf"
+                                              else {"M": args.hnsw_m, "efConstruction": args.ef_construction})}
             print(json.dumps({f"{kind} {setting}": report[f"{kind} {setting}"]}), flush=True)
         del index
     return report
@@ -196,6 +222,8 @@ def bench_app(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from zsbir.search.store import IndexParams
+
     parser = argparse.ArgumentParser(prog="python -m zsbir.search.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     vectors = sub.add_parser("vectors", help="random unit vectors: exact vs approximate search")
@@ -206,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     vectors.add_argument("--nlist", type=int, default=1024)
     vectors.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 256])
     vectors.add_argument("--hnsw-m", type=int, default=32)
+    vectors.add_argument("--ef-construction", type=int, default=IndexParams.ef_construction)
     vectors.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
+    vectors.add_argument("--index-file", help="write the built index to <path>.<kind> (or read it back if there)")
     for name in ("run", "app", "rerank"):
         p = sub.add_parser(name)
         p.add_argument("run_dir", type=lambda s: s.split("=", 1)[1] if s.startswith("run_dir=") else s)

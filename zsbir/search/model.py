@@ -116,6 +116,16 @@ def unit_embeddings(out: dict) -> np.ndarray:
     return F.normalize(out["embedding"].float(), dim=1).cpu().numpy().astype(np.float32, copy=False)
 
 
+def read_transformed(path, transform: Callable) -> tuple[torch.Tensor | None, str | None]:
+    """(the transformed image, None), or (None, "<error type>: <message>") for a file that cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return transform(image), None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
 class _ImageFiles(Dataset):
     """Image files for embedding; an undecodable file yields its error instead of a tensor."""
 
@@ -126,12 +136,7 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        try:
-            with Image.open(self.paths[index]) as image:
-                image.load()
-                return index, self.transform(image), None
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-            return index, None, f"{type(err).__name__}: {err}"
+        return (index, *read_transformed(self.paths[index], self.transform))
 
 
 def _keep_batch(items):

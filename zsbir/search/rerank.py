@@ -20,13 +20,12 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from zsbir.config import RerankSchema
 from zsbir.errors import ZsbirError
 from zsbir.eval.rerank import PairScorer, has_pair_scorer, token_sequences
-
-DEFAULT_PAIR_BATCH = 128  # as eval.rerank.pair_batch
+from zsbir.search.model import read_transformed
 
 
 class RerankUsageError(ZsbirError):
@@ -53,14 +52,12 @@ class _ShortlistPhotos(Dataset):
 
     def __getitem__(self, index: int):
         path = self.results[index]["path"]
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return self.transform(image), 0, index
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        image, error = read_transformed(path, self.transform)
+        if error:
             rebuild = f"{self.store.meta.get('build_command', 'python -m zsbir.index run_dir=<run>')} rebuild=true"
             raise RerankUsageError(f"photo {path} of index {self.store.folder.name} cannot be read for re-ranking "
-                                   f"({type(err).__name__}: {err}); it changed since indexing: {rebuild}") from None
+                                   f"({error}); it changed since indexing: {rebuild}")
+        return image, 0, index
 
 
 def rerank(model, store, sketch_sequence: torch.Tensor, results: list[dict], top_n: int) -> tuple[list[dict], dict]:
@@ -78,7 +75,8 @@ def rerank(model, store, sketch_sequence: torch.Tensor, results: list[dict], top
     photo_sequences = token_sequences(model.encoder, loader, "photo", model.device, model.amp_dtype, torch.float32) \
         if shortlist else torch.empty(0)
     encoded = time.perf_counter()
-    pair_batch = int((model.run_cfg.eval.get("rerank") or {}).get("pair_batch") or DEFAULT_PAIR_BATCH)
+    # a run configured before eval.rerank existed gets the schema's default
+    pair_batch = int((model.run_cfg.eval.get("rerank") or {}).get("pair_batch") or RerankSchema().pair_batch)
     scorer = PairScorer(model.encoder, sketch_sequence, photo_sequences, model.device, pair_batch, model.amp_dtype)
     logits = scorer(torch.zeros(len(shortlist), dtype=torch.long), torch.arange(len(shortlist))).numpy()
     scored = time.perf_counter()
