@@ -59,7 +59,8 @@ def built_index(faiss, params, gallery: np.ndarray, index_file: str | None, kind
 
     path = Path(f"{index_file}.{kind}") if index_file else None
     built_with = {"kind": params.kind, "M": params.hnsw_m, "efConstruction": params.ef_construction,
-                  "nlist": params.nlist, "seed": params.seed, "n": len(gallery), "dim": int(gallery.shape[1])}
+                  "nlist": params.nlist, "pq_m": params.pq_m, "seed": params.seed, "n": len(gallery),
+                  "dim": int(gallery.shape[1])}
     if path is not None and path.is_file():
         stored = json.loads(path.with_suffix(path.suffix + ".json").read_text())
         if stored["built_with"] != built_with:
@@ -89,20 +90,25 @@ def bench_vectors(args) -> dict:
     del exact
     for kind in args.kinds:
         params = IndexParams(kind, hnsw_m=args.hnsw_m, ef_search=args.ef_search[0], nlist=args.nlist,
-                             nprobe=args.nprobe[0], ef_construction=args.ef_construction)
+                             nprobe=args.nprobe[0], ef_construction=args.ef_construction, pq_m=args.pq_m,
+                             k_factor=args.k_factor[0])
         index, build = built_index(faiss, params, gallery, args.index_file, kind)
-        sweep = args.nprobe if kind == "ivf" else args.ef_search
+        knob, sweep = {"ivf": ("nprobe", args.nprobe), "hnsw": ("efSearch", args.ef_search),
+                       "pq": ("k_factor", args.k_factor)}[kind]
+        built = {"ivf": lambda: {"nlist": index.nlist},
+                 "hnsw": lambda: {"M": args.hnsw_m, "efConstruction": args.ef_construction},
+                 "pq": lambda: {"pq_m": params.sub_quantisers(args.dim), "bits": 4}}[kind]()
         for value in sweep:
             if kind == "ivf":
                 index.nprobe = value
-            else:
+            elif kind == "hnsw":
                 index.hnsw.efSearch = value
+            else:
+                index.k_factor = float(value)
             timing, ids = time_queries(index, queries)
             recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]))
-            setting = f"nprobe={value}" if kind == "ivf" else f"efSearch={value}"
-            report[f"{kind} {setting}"] = {**timing, "recall@10": round(recall, 4), "build_s": round(build, 1),
-                                           **({"nlist": index.nlist} if kind == "ivf"
-                                              else {"M": args.hnsw_m, "efConstruction": args.ef_construction})}
+            setting = f"{knob}={value}"
+            report[f"{kind} {setting}"] = {**timing, "recall@10": round(recall, 4), "build_s": round(build, 1), **built}
             print(json.dumps({f"{kind} {setting}": report[f"{kind} {setting}"]}), flush=True)
         del index
     return report
@@ -218,6 +224,7 @@ def bench_app(args) -> dict:
         page.quit()
         demo.close()
     return {"round_trip": percentiles([t.round_trip_s for t in trips[1:]]), "top": args.top,
+            "seen_by_chromedriver": percentiles([t.driver_s for t in trips[1:]]),
             "first_query_s": round(trips[0].round_trip_s, 3), "last_status": trips[-1].status}
 
 
@@ -230,12 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     vectors.add_argument("--n", type=int, default=1_000_000)
     vectors.add_argument("--dim", type=int, default=512)
     vectors.add_argument("--queries", type=int, default=200)
-    vectors.add_argument("--kinds", nargs="*", default=["ivf"], choices=["hnsw", "ivf"])
+    vectors.add_argument("--kinds", nargs="*", default=["pq"], choices=["pq", "hnsw", "ivf"])
     vectors.add_argument("--nlist", type=int, default=1024)
     vectors.add_argument("--nprobe", type=int, nargs="+", default=[16, 64, 256])
     vectors.add_argument("--hnsw-m", type=int, default=32)
     vectors.add_argument("--ef-construction", type=int, default=IndexParams.ef_construction)
     vectors.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
+    vectors.add_argument("--pq-m", type=int, help="pq sub-quantisers; default: dim / 2")
+    vectors.add_argument("--k-factor", type=int, nargs="+", default=[30, 100, 300])
     vectors.add_argument("--index-file", help="write the built index to <path>.<kind> (or read it back if there)")
     for name in ("run", "app", "rerank"):
         p = sub.add_parser(name)
