@@ -10,7 +10,8 @@ pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.
 pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
 
 from zsbir.app import build_app, launch, sketch_image  # noqa: E402
-from zsbir.search.browser import draw_square_and_search, find_browser, free_port, start_chromium  # noqa: E402
+from zsbir.search.browser import (draw_square_and_search, find_browser, free_port, search_blank_canvas,  # noqa: E402
+                                  start_chromium)
 from zsbir.search.build import find_index  # noqa: E402
 from zsbir.search.model import load_run_model  # noqa: E402
 from smokerun import train_smoke_run  # noqa: E402
@@ -42,6 +43,9 @@ def test_browser_draws_a_sketch_and_sees_k_results(trained_run, tmp_path):
         assert query.status.startswith(f"{TOP} of {len(store)} photos")
         again = draw_square_and_search(page, f"http://127.0.0.1:{port}/", expect=TOP)  # a second visit
         assert again.images == TOP
+        assert 0 < again.round_trip_s < again.driver_s  # timed in the page, from the click to the results
+        # the handler's error reaches the page with its message (it would be a bare "Error" off the queue)
+        assert "The canvas is empty: draw a sketch" in search_blank_canvas(page, f"http://127.0.0.1:{port}/")
     finally:
         page.quit()
         demo.close()
