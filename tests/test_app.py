@@ -34,6 +34,7 @@ def test_browser_draws_a_sketch_and_sees_k_results(trained_run, tmp_path):
     port = free_port()
     demo = build_app(model, store, top=TOP)
     launch(demo, store, "127.0.0.1", port, block=False)
+    assert getattr(demo, "run_history", False) is False  # Gradio 6's per-run browser record slows every search
     page = start_chromium(browser, driver)
     try:
         query = draw_square_and_search(page, f"http://127.0.0.1:{port}/", expect=TOP)
@@ -61,3 +62,25 @@ def test_a_blank_canvas_is_not_a_sketch():
     inked = np.zeros((50, 50, 4), np.uint8)
     inked[10:20, 10, :] = (0, 0, 0, 255)
     assert sketch_image({"composite": inked}) is not None
+
+
+def test_results_travel_inline_as_bounded_thumbnails(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from zsbir.app import THUMB, results_html, thumbnail_uri
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (64, 48), "red").save(small)
+    assert thumbnail_uri(str(small)) == "data:image/png;base64," + base64.b64encode(small.read_bytes()).decode()
+    big = tmp_path / "big.jpg"
+    Image.effect_noise((1200, 900), 60).convert("RGB").save(big, quality=95)
+    uri = thumbnail_uri(str(big))
+    assert uri.startswith("data:image/jpeg;base64,")
+    shown = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert max(shown.size) == THUMB and abs(shown.size[0] / shown.size[1] - 4 / 3) < 0.02
+    page = results_html([(str(small), "<cat> · 0.900"), (str(tmp_path / "gone.png"), "dog · 0.800")])
+    assert page.count("<figure") == 2 and page.count("<img") == 1 and "&lt;cat&gt; · 0.900" in page
+    assert "cannot read this photo" in page  # a photo removed since indexing does not break the page

@@ -226,6 +226,11 @@ def test_index_command_writes_index_and_metadata(run_copy, compose_cfg):
     assert 0.9 <= meta["recall"]["value"] <= 1.0
     assert meta["transform"]["image_size"] == 32 and meta["checkpoint"].endswith("best.pt")
     assert meta["build_command"].endswith("source=zero_photo index.kind=hnsw")
+    # a gallery too small to train a pq index is refused before any photo is embedded
+    with pytest.raises(SearchIndexError, match=r"zero_photo holds \d+ photos; a pq index needs at least 624"):
+        run_index(compose_cfg(f"run_dir={run_copy}", "progress=false", "index.kind=pq", "name=small-pq",
+                              config_name="index"))
+    assert not (run_copy / "index" / "small-pq").exists()
 
 
 def test_search_command_prints_json_and_writes_a_grid(trained_run, model, tmp_path, capsys):

@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 import time
+from inspect import signature
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -56,10 +58,11 @@ def sketch_image(value) -> Image.Image | None:
 
 
 def search_handler(model, store):
-    """The Search button's callback: canvas value, top-K[, re-rank N] -> gallery items, status line.
+    """The Search button's callback: canvas value, top-K[, re-rank N] -> results, status line.
 
-    `rerank` N > 0 (the slider shown for models with a pair scorer) re-orders the index's
-    top N with the relation network (zsbir/search/rerank.py); captions then add its score.
+    The results are (path, caption) pairs in rank order; `results_html` turns them into the
+    page's grid. `rerank` N > 0 (the slider shown for models with a pair scorer) re-orders the
+    index's top N with the relation network (zsbir/search/rerank.py); captions then add its score.
     """
     gr = import_gradio()
 
@@ -71,15 +74,62 @@ def search_handler(model, store):
 
         started = time.perf_counter()
         results, timing, reranked = search_sketch(model, store, sketch, int(top), int(rerank or 0))
-        gallery = [(r["path"], caption(r)) for r in results]
+        hits = [(r["path"], caption(r)) for r in results]
         status = (f"{len(results)} of {len(store)} photos · sketch encoded in {timing['encode_ms']:.0f} ms, "
                   f"searched in {timing['search_ms']:.1f} ms, "
                   + (f"top {reranked['top_n']} re-ranked by the relation network in {timing['rerank_ms']:.0f} ms, "
                      if reranked["applied"] else "")
                   + f"{(time.perf_counter() - started) * 1e3:.0f} ms in all")
-        return gallery, status
+        return hits, status
 
     return run
+
+
+THUMB = 256          # longest side of a result as sent to the page
+THUMB_INLINE = 64_000  # files up to this size (and THUMB px) are sent as they are, not re-encoded
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+def thumbnail_uri(path: str) -> str:
+    """A result photo as a data: URI, at most THUMB px a side (JPEG decoded at reduced scale)."""
+    import base64
+    import io
+
+    with Image.open(path) as image:
+        fmt = image.format
+        if fmt in MIME and max(image.size) <= THUMB and os.path.getsize(path) <= THUMB_INLINE:
+            return f"data:{MIME[fmt]};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+        image.draft("RGB", (THUMB, THUMB))  # JPEG: decode at 1/2, 1/4 or 1/8 scale; others ignore it
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+        image.thumbnail((THUMB, THUMB))
+        out = io.BytesIO()
+        image.save(out, "PNG" if image.mode == "RGBA" else "JPEG", quality=85)
+    mime = "image/png" if image.mode == "RGBA" else "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(out.getvalue()).decode()}"
+
+
+def results_html(hits: list[tuple[str, str]]) -> str:
+    """The results grid: each photo inline (no second round of downloads), its caption, its path on hover."""
+    from html import escape
+
+    cells = []
+    for path, text in hits:
+        try:
+            img = f'<img src="{thumbnail_uri(path)}" alt="{escape(text)}">'
+        except (OSError, ValueError) as error:  # moved or broken since it was indexed
+            img = f'<div class="zs-missing">cannot read this photo ({escape(type(error).__name__)})</div>'
+        cells.append(f'<figure class="zs-hit" title="{escape(path)}">{img}'
+                     f'<figcaption class="caption-label">{escape(text)}</figcaption></figure>')
+    return f'<div class="zs-grid">{"".join(cells)}</div>'
+
+
+RESULTS_CSS = """
+.zs-grid { display: grid; grid-template-columns: repeat(5, minmax(0, 1fr)); gap: 8px; margin-top: 1.8em; }
+.zs-hit { margin: 0; border: 1px solid var(--border-color-primary); border-radius: 6px; overflow: hidden; }
+.zs-hit img { display: block; width: 100%; aspect-ratio: 1; object-fit: contain; background: #fff; }
+.zs-hit figcaption { font-size: 0.85em; padding: 2px 6px; text-align: center; }
+.zs-missing { aspect-ratio: 1; display: flex; align-items: center; justify-content: center; font-size: 0.8em; }
+"""
 
 
 def caption(result: dict) -> str:
@@ -116,10 +166,18 @@ def build_app(model, store, top: int = 10):
                 button = gr.Button("Search", variant="primary", elem_id="search")
             with gr.Column(scale=2):
                 scores = "cosine score · relation score" if can_rerank else "cosine score"
-                gallery = gr.Gallery(label=f"Top photos (class · {scores})", columns=5, height="auto",
-                                     object_fit="contain", elem_id="results")
+                # The photos travel inline with the answer (data: URIs, results_html): a gr.Gallery
+                # would fetch each from the server after the answer, ~100 ms of the round trip.
+                gallery = gr.HTML(label=f"Top photos (class · {scores})", show_label=True, container=True,
+                                  elem_id="results", css_template=RESULTS_CSS, min_height=200)
                 status = gr.Markdown(elem_id="status")
-        button.click(search_handler(model, store), inputs=inputs, outputs=[gallery, status])
+        handler = search_handler(model, store)
+
+        def search(*values):
+            hits, line = handler(*values)
+            return results_html(hits), line
+
+        button.click(search, inputs=inputs, outputs=[gallery, status])
     return demo
 
 
@@ -130,9 +188,13 @@ def offline_theme():
 
 
 def launch(demo, store, host: str, port: int | None, block: bool = True):
+    # Gradio >= 6 records every run in the browser's storage by default; with the photos inline each
+    # record is ~100 kB and every search got slower than the last (233 -> 410 ms over 30 searches,
+    # docs/benchmarks.md). Off: the round trip stays flat, and nothing of a search is kept.
+    extra = {"run_history": False} if "run_history" in signature(demo.launch).parameters else {}
     return demo.launch(server_name=host, server_port=port, allowed_paths=[store.meta["root"]], share=False,
                        inbrowser=False, show_error=True, prevent_thread_lock=not block, theme=offline_theme(),
-                       quiet=not block)
+                       quiet=not block, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
