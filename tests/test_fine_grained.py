@@ -306,6 +306,21 @@ def test_fg_protocol_needs_a_fine_grained_dataset(compose_cfg):
         validate_config(compose_cfg("experiment=sketch_lvm_fg", "data=synthetic"))
 
 
+def test_relative_distance_term_needs_p_x_k_batches(compose_cfg):
+    from zsbir.config import validate_config
+    from zsbir.errors import ConfigError
+
+    validate_config(compose_cfg("experiment=sketch_lvm_fg", "data=synthetic_fg"))  # the preset's 8 x 8
+    with pytest.raises(ConfigError, match=r"loss.fg_relative .* needs P categories x K sketches per batch: "
+                                          r"set data.balanced="):
+        validate_config(compose_cfg("data=synthetic_fg", "loss=[triplet,fg_relative]"))
+    with pytest.raises(ConfigError, match=r"at least 2 categories of at least 2 triplets per batch, "
+                                          r"data.balanced is 8 x 1"):
+        validate_config(compose_cfg("experiment=sketch_lvm_fg", "data=synthetic_fg",
+                                    "data.balanced.items_per_class=1"))
+    validate_config(compose_cfg("data=synthetic_fg", "loss=[triplet,fg_relative]", "loss.fg_relative.weight=0"))
+
+
 def test_sketch_lvm_fg_smoke_run_writes_fg_metrics(tmp_path):
     import json
 

@@ -420,6 +420,7 @@ def _check_across_groups(values: dict) -> list[str]:
     if data.get("sampler") == "instances" and not data.get("fine_grained"):
         problems.append("data.sampler=instances needs sketch-photo pairs: use a fine-grained dataset "
                         "(data=sketchy_fg or data=synthetic_fg)")
+    problems += _check_relative_distance(values.get("loss"), data)
     if data.get("sampler") == "streams" and not data.get("stream_batch"):
         problems.append("data.sampler=streams needs data.stream_batch: {sketch: <sketches per step>, photo: <photos>}")
     generated = data.get("synthetic") or data.get("synthetic_fg")
@@ -439,6 +440,26 @@ def _check_across_groups(values: dict) -> list[str]:
     metrics = data.get("metrics") if isinstance(data.get("metrics"), list) else []
     problems += [f"data.metrics contains {m!r}: {hint}" for m in metrics if m not in known]
     return problems
+
+
+def _check_relative_distance(losses, data: dict) -> list[str]:
+    """Sketch_LVM's L_delta compares categories' distributions over the same number of triplets:
+    without P x K batches it would quietly cut every category to the batch's smallest count."""
+    losses = losses if isinstance(losses, dict) else {}
+    names = [name for name, term in losses.items() if isinstance(term, dict) and term.get("weight", 1) != 0
+             and str(term.get("_target_", "")).endswith("RelativeDistanceRegulariser")]
+    if not names:
+        return []
+    balanced = data.get("balanced") if isinstance(data.get("balanced"), dict) else None
+    fix = ("set data.balanced={classes_per_batch:P,items_per_class:K} with P, K >= 2 "
+           "(experiment=sketch_lvm_fg uses 8 x 8)")
+    if balanced is None:
+        return [f"loss.{names[0]} compares the distributions of relative distances of categories with equally many "
+                f"triplets and needs P categories x K sketches per batch: {fix}"]
+    if int(balanced.get("classes_per_batch") or 0) < 2 or int(balanced.get("items_per_class") or 0) < 2:
+        return [f"loss.{names[0]} needs at least 2 categories of at least 2 triplets per batch, data.balanced is "
+                f"{balanced['classes_per_batch']} x {balanced['items_per_class']}: {fix}"]
+    return []
 
 
 def _check_protocols(eval_cfg: dict) -> list[str]:

@@ -11,8 +11,9 @@ module adds the paper's two fine-grained objectives:
   the batch D_c = softmax(delta_c / temperature) over its N triplets (the paper: plain
   softmax, temperature 1); L = mean over ordered pairs c != c' of KL(D_c || D_c').
   Comparing D_c with D_c' needs the same N in every category: batches from
-  `data.balanced` (P categories x K sketches) have it; otherwise each category's first
-  N = (smallest count) triplets in batch order are used.
+  `data.balanced` (P categories x K sketches) have it, and the config check refuses the
+  term without data.balanced (zsbir/config.py); called on other batches directly, each
+  category's first N = (smallest count) triplets in batch order are used.
 - `PatchShuffleLoss`: a sketch and its photo cut into patches and shuffled with the SAME
   permutation are a positive pair, the photo shuffled with a DIFFERENT permutation the
   negative: mean(max(0, margin + d(s^A, p^A) - d(s^A, p^B))). The shuffled images are
