@@ -148,7 +148,10 @@ def build_app(model, store, top: int = 10):
     meta = store.meta
     can_rerank = has_pair_scorer(model.encoder)
     source = meta["source"].get("images") or f"{meta['source']['dataset']} / {meta['source']['list']}"
-    with gr.Blocks(title="zsbir sketch search") as demo:
+    # Gradio 6 styles an HTML block with its own css_template; Gradio 5 takes the page's css.
+    scoped = "css_template" in signature(gr.HTML.__init__).parameters
+    html_style = {"css_template": RESULTS_CSS, "min_height": 200} if scoped else {}
+    with gr.Blocks(title="zsbir sketch search", **({} if scoped else {"css": RESULTS_CSS})) as demo:
         gr.Markdown(f"## Sketch search\nRun `{model.run_dir.name}` ({meta.get('model')}, checkpoint "
                     f"{model.checkpoint.name}, step {model.step}) · index `{store.folder.name}`: "
                     f"{len(store)} photos of {source} ({meta['kind']})")
@@ -169,7 +172,7 @@ def build_app(model, store, top: int = 10):
                 # The photos travel inline with the answer (data: URIs, results_html): a gr.Gallery
                 # would fetch each from the server after the answer, ~100 ms of the round trip.
                 gallery = gr.HTML(label=f"Top photos (class · {scores})", show_label=True, container=True,
-                                  elem_id="results", css_template=RESULTS_CSS, min_height=200)
+                                  elem_id="results", **html_style)
                 status = gr.Markdown(elem_id="status")
         handler = search_handler(model, store)
 
