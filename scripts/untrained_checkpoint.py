@@ -20,9 +20,6 @@ cfg = OmegaConf.load(run / "config.yaml")
 state = load_checkpoint(run / "best.pt")
 seed_everything(int(cfg.seed))
 state["model"] = build_encoder(cfg.model, int(state["fingerprint"]["seen_classes"])).state_dict()
-state["step"] = 0  # no training step has touched these weights: the evaluation table's row says "step 0"
-for key in ("epoch", "global_step"):
-    if key in state:
-        state[key] = 0
+state.update(step=0, epoch=0, batch_in_epoch=0)  # no training has touched these weights: eval's row says step 0
 save_atomic(state, run / "untrained.pt")
 print(run / "untrained.pt")

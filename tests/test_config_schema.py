@@ -21,6 +21,10 @@ def problems(compose_cfg, *overrides: str) -> str:
     return str(raised.value)
 
 
+# options that are only valid together with another setting (each checked by its own test)
+NEEDS = {"loss=[fg_relative]": ("data.balanced={classes_per_batch:4,items_per_class:2}",)}  # P x K batches
+
+
 @pytest.mark.parametrize("override", [
     *(f"{group}={option}" for group in ("data", "model", "optim", "sched", "trainer", "logger", "paths", "debug")
       for option in group_options(group)),
@@ -30,10 +34,6 @@ def problems(compose_cfg, *overrides: str) -> str:
 def test_every_shipped_config_option_is_valid(compose_cfg, override):
     """A schema that lags behind a config file fails here, naming the key to add to zsbir/config.py."""
     validate_config(compose_cfg(override, *NEEDS.get(override, ())))
-
-
-# options that are only valid together with another setting (each checked by its own test)
-NEEDS = {"loss=[fg_relative]": ("data.balanced={classes_per_batch:4,items_per_class:2}",)}  # P x K batches
 
 
 def test_wrong_types_are_named_with_the_expected_type(compose_cfg):

@@ -227,7 +227,7 @@ def test_index_command_writes_index_and_metadata(run_copy, compose_cfg):
     assert meta["transform"]["image_size"] == 32 and meta["checkpoint"].endswith("best.pt")
     assert meta["build_command"].endswith("source=zero_photo index.kind=hnsw")
     # a gallery too small to train a pq index is refused before any photo is embedded
-    with pytest.raises(SearchIndexError, match=r"zero_photo holds \d+ photos; a pq index needs at least 624"):
+    with pytest.raises(SearchIndexError, match=r"a pq index needs at least 624 photos .*, got \d+; use index.kind=exact"):
         run_index(compose_cfg(f"run_dir={run_copy}", "progress=false", "index.kind=pq", "name=small-pq",
                               config_name="index"))
     assert not (run_copy / "index" / "small-pq").exists()

@@ -148,10 +148,7 @@ def build_app(model, store, top: int = 10):
     meta = store.meta
     can_rerank = has_pair_scorer(model.encoder)
     source = meta["source"].get("images") or f"{meta['source']['dataset']} / {meta['source']['list']}"
-    # Gradio 6 styles an HTML block with its own css_template; Gradio 5 takes the page's css.
-    scoped = "css_template" in signature(gr.HTML.__init__).parameters
-    html_style = {"css_template": RESULTS_CSS, "min_height": 200} if scoped else {}
-    with gr.Blocks(title="zsbir sketch search", **({} if scoped else {"css": RESULTS_CSS})) as demo:
+    with gr.Blocks(title="zsbir sketch search") as demo:
         gr.Markdown(f"## Sketch search\nRun `{model.run_dir.name}` ({meta.get('model')}, checkpoint "
                     f"{model.checkpoint.name}, step {model.step}) · index `{store.folder.name}`: "
                     f"{len(store)} photos of {source} ({meta['kind']})")
@@ -172,7 +169,7 @@ def build_app(model, store, top: int = 10):
                 # The photos travel inline with the answer (data: URIs, results_html): a gr.Gallery
                 # would fetch each from the server after the answer, ~100 ms of the round trip.
                 gallery = gr.HTML(label=f"Top photos (class · {scores})", show_label=True, container=True,
-                                  elem_id="results", **html_style)
+                                  elem_id="results", css_template=RESULTS_CSS, min_height=200)
                 status = gr.Markdown(elem_id="status")
         handler = search_handler(model, store)
 
@@ -191,9 +188,9 @@ def offline_theme():
 
 
 def launch(demo, store, host: str, port: int | None, block: bool = True):
-    # Gradio >= 6 records every run in the browser's storage by default; with the photos inline each
-    # record is ~100 kB and every search got slower than the last (233 -> 410 ms over 30 searches,
-    # docs/benchmarks.md). Off: the round trip stays flat, and nothing of a search is kept.
+    # Later Gradio 6 releases (not 6.0) record every run in the browser's storage by default; with the
+    # photos inline each record is ~100 kB and every search got slower than the last (233 -> 410 ms
+    # over 30 searches, docs/benchmarks.md). Off: the round trip stays flat, and nothing is kept.
     extra = {"run_history": False} if "run_history" in signature(demo.launch).parameters else {}
     return demo.launch(server_name=host, server_port=port, allowed_paths=[store.meta["root"]], share=False,
                        inbrowser=False, show_error=True, prevent_thread_lock=not block, theme=offline_theme(),

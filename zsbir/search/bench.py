@@ -93,18 +93,17 @@ def bench_vectors(args) -> dict:
                              nprobe=args.nprobe[0], ef_construction=args.ef_construction, pq_m=args.pq_m,
                              k_factor=args.k_factor[0])
         index, build = built_index(faiss, params, gallery, args.index_file, kind)
-        knob, sweep = {"ivf": ("nprobe", args.nprobe), "hnsw": ("efSearch", args.ef_search),
-                       "pq": ("k_factor", args.k_factor)}[kind]
-        built = {"ivf": lambda: {"nlist": index.nlist},
-                 "hnsw": lambda: {"M": args.hnsw_m, "efConstruction": args.ef_construction},
-                 "pq": lambda: {"pq_m": params.sub_quantisers(args.dim), "bits": 4}}[kind]()
+        if kind == "ivf":
+            knob, sweep, built = "nprobe", args.nprobe, {"nlist": index.nlist}
+        elif kind == "hnsw":
+            knob, sweep, built = "efSearch", args.ef_search, {"M": args.hnsw_m, "efConstruction": args.ef_construction}
+        else:
+            knob, sweep, built = "k_factor", args.k_factor, {"pq_m": params.sub_quantisers(args.dim), "bits": 4}
         for value in sweep:
-            if kind == "ivf":
-                index.nprobe = value
-            elif kind == "hnsw":
+            if kind == "hnsw":
                 index.hnsw.efSearch = value
-            else:
-                index.k_factor = float(value)
+            else:  # IndexIVFFlat.nprobe, IndexRefineFlat.k_factor
+                setattr(index, knob, value)
             timing, ids = time_queries(index, queries)
             recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]))
             setting = f"{knob}={value}"

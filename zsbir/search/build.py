@@ -16,8 +16,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from zsbir.search.model import RunModel, embed_files
-from zsbir.search.store import (INDEX_FORMAT, PQ_MIN_TRAIN, IndexParams, SearchIndexError, SketchIndex, check_fresh,
-                                make_index, measure_recall, open_index, stored_vectors)
+from zsbir.search.store import (INDEX_FORMAT, IndexParams, SearchIndexError, SketchIndex, check_fresh, make_index,
+                                measure_recall, open_index, stored_vectors)
 
 log = logging.getLogger("zsbir.search")
 
@@ -98,10 +98,8 @@ def build_index(model: RunModel, *, source: str = "zero_photo", images: str | No
     command = build_command(model, source, images, name, default, params.kind, data_name)
     transform = model.transform_fingerprint()
     batch_size = int(batch_size or model.run_cfg.data.get("eval_batch_size", 64))
-    if params.kind == "pq" and (rebuild or not (folder / "meta.json").is_file()) and len(items) < PQ_MIN_TRAIN:
-        raise SearchIndexError(f"{source if not images else root} holds {len(items)} photos; a pq index needs at least "
-                               f"{PQ_MIN_TRAIN} to train its quantisers on: use index.kind=exact (small galleries "
-                               "are searched exactly in well under a millisecond)")
+    if rebuild or not (folder / "meta.json").is_file():
+        params.check_gallery_size(len(items))  # before an embedding pass that would be thrown away
 
     existing = None
     if (folder / "meta.json").is_file() and not rebuild:
